@@ -1,0 +1,341 @@
+"""The decoder-only transformer, in Flax NNX, with LM, reward and value heads on one trunk.
+
+Shape suffixes: B batch, T new tokens, S key/value slots (cache length), D hidden size,
+H query heads, K key/value heads, G = H / K query heads per key/value head, E head dim,
+V vocabulary, L layers.
+
+Every parameter carries `logical_axes` metadata (names such as 'embed', 'heads', 'mlp',
+'vocab'); `rlhf_jax.sharding` maps those names to mesh axes with one rules table, so the model
+code knows nothing about the device mesh.
+
+Padding: batches may be left-padded (the project's convention) or right-padded. Position ids
+are `cumsum(attention_mask) - 1` (clipped at 0), so padding never shifts the positions of real
+tokens, and pad keys are masked everywhere, including inside the KV cache. A padded row thus
+gives, on its real tokens, the logits of the same row unpadded.
+
+There is no dropout: RLHF needs it off in every model (policy, reference, reward, value), and
+the fine-tuning runs this project targets do not use it either.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.models.config import ModelConfig
+
+Initializer = Callable[..., jax.Array]
+_NEG_INF = -1e30  # finite, so a fully masked row (a pad query) gives a uniform softmax, not NaN
+
+
+class RewardNorm(nnx.Variable):
+    """Gain and bias applied to the raw reward-head output. Set after RM training (so that
+    rewards on reference responses have mean 0 and std 1), never trained by the optimizer,
+    and saved with the RM."""
+
+
+def _param(init: Initializer, rngs: nnx.Rngs, shape, dtype, axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), kernel stored [in, out] with logical axis names."""
+
+    def __init__(self, din: int, dout: int, axes: tuple[str, str], *, cfg: ModelConfig, rngs: nnx.Rngs,
+                 bias: bool = False, init: Initializer | None = None):
+        init = init or nnx.initializers.normal(0.02)
+        self.kernel = _param(init, rngs, (din, dout), cfg.storage_dtype, axes)
+        self.bias = _param(nnx.initializers.zeros, rngs, (dout,), cfg.storage_dtype, axes[1:]) if bias else None
+        self.dtype = cfg.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Llama) or LayerNorm (GPT-2), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.kind, self.eps, self.dtype = cfg.norm, cfg.norm_eps, cfg.compute_dtype
+        self.scale = _param(nnx.initializers.ones, rngs, (d,), cfg.storage_dtype, ("norm",))
+        self.bias = (_param(nnx.initializers.zeros, rngs, (d,), cfg.storage_dtype, ("norm",))
+                     if cfg.norm == "layernorm" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope(x_BTNE: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding in the Hugging Face (rotate-half) layout."""
+    e = x_BTNE.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    angles_BT1E = jnp.concatenate([angles_BTF, angles_BTF], -1)[:, :, None, :]
+    x = x_BTNE.astype(jnp.float32)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (x * jnp.cos(angles_BT1E) + rotated * jnp.sin(angles_BT1E)).astype(x_BTNE.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, for incremental decoding.
+
+    Slots are filled left to right, one call's tokens at a time (`index` is the next free
+    slot). `mask_BS` marks which slots hold real tokens (padding in a left-padded prompt does
+    not), and `lengths_B` counts the real tokens of each row, which gives the next position id.
+    """
+
+    k: tuple[jax.Array, ...]  # L × [B, S, K, E]
+    v: tuple[jax.Array, ...]
+    mask_BS: jax.Array  # int32
+    lengths_B: jax.Array  # int32
+    index: jax.Array  # int32 scalar
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
+        dtype = dtype or cfg.compute_dtype
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
+        return cls(
+            k=zeros,
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            mask_BS=jnp.zeros((batch_size, max_length), jnp.int32),
+            lengths_B=jnp.zeros((batch_size,), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_length(self) -> int:
+        return self.mask_BS.shape[1]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, e = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q = Linear(d, h * e, ("embed", "heads"), cfg=cfg, rngs=rngs, bias=cfg.qkv_bias)
+        self.k = Linear(d, k * e, ("embed", "kv_heads"), cfg=cfg, rngs=rngs, bias=cfg.qkv_bias)
+        self.v = Linear(d, k * e, ("embed", "kv_heads"), cfg=cfg, rngs=rngs, bias=cfg.qkv_bias)
+        self.o = Linear(h * e, d, ("heads", "embed"), cfg=cfg, rngs=rngs, bias=cfg.out_bias)
+
+    def __call__(self, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, cache_kv=None, index=None):
+        """Returns the attention output and the updated (k, v) cache of this layer, if any.
+
+        Query t sits at cache slot `q_slots_T[t]`; it may attend to key slot s when
+        `k_slots_S[s] <= q_slots_T[t]` (causal), the key is real (`key_mask_BS`), and, with a
+        sliding window, `q_slot - k_slot < window`.
+        """
+        cfg = self.cfg
+        b, t, _ = x_BTD.shape
+        h, kv, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_BTHE = self.q(x_BTD).reshape(b, t, h, e)
+        k_BTKE = self.k(x_BTD).reshape(b, t, kv, e)
+        v_BTKE = self.v(x_BTD).reshape(b, t, kv, e)
+        if cfg.position == "rope":
+            q_BTHE = rope(q_BTHE, positions_BT, cfg.rope_theta)
+            k_BTKE = rope(k_BTKE, positions_BT, cfg.rope_theta)
+
+        new_kv = None
+        if cache_kv is not None:
+            k_cache, v_cache = cache_kv
+            k_BSKE = jax.lax.dynamic_update_slice(k_cache, k_BTKE.astype(k_cache.dtype), (0, index, 0, 0))
+            v_BSKE = jax.lax.dynamic_update_slice(v_cache, v_BTKE.astype(v_cache.dtype), (0, index, 0, 0))
+            new_kv = (k_BSKE, v_BSKE)
+        else:
+            k_BSKE, v_BSKE = k_BTKE, v_BTKE
+
+        g = h // kv
+        q_BTKGE = q_BTHE.reshape(b, t, kv, g, e)
+        scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE.astype(q_BTKGE.dtype),
+                                  preferred_element_type=jnp.float32) / math.sqrt(e)
+        allowed_TS = k_slots_S[None, :] <= q_slots_T[:, None]
+        if cfg.sliding_window is not None:
+            allowed_TS &= q_slots_T[:, None] - k_slots_S[None, :] < cfg.sliding_window
+        allowed_BTS = allowed_TS[None] & (key_mask_BS[:, None, :] > 0)
+        scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, _NEG_INF)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
+        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+        return self.o(out_BTKGE.reshape(b, t, h * e)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, m = cfg.hidden_size, cfg.mlp_dim
+        self.gate = Linear(d, m, ("embed", "mlp"), cfg=cfg, rngs=rngs, bias=cfg.mlp_bias) if cfg.gated_mlp else None
+        self.up = Linear(d, m, ("embed", "mlp"), cfg=cfg, rngs=rngs, bias=cfg.mlp_bias)
+        self.down = Linear(m, d, ("mlp", "embed"), cfg=cfg, rngs=rngs, bias=cfg.mlp_bias)
+        self.activation = cfg.activation
+
+    def _act(self, x):
+        if self.activation == "silu":
+            return jax.nn.silu(x)
+        return jax.nn.gelu(x, approximate=self.activation == "gelu_tanh")
+
+    def __call__(self, x_BTD):
+        if self.gate is not None:
+            return self.down(self._act(self.gate(x_BTD)) * self.up(x_BTD))
+        return self.down(self._act(self.up(x_BTD)))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, cache_kv=None, index=None):
+        a, new_kv = self.attn(self.attn_norm(x_BTD), positions_BT, q_slots_T, k_slots_S, key_mask_BS,
+                              cache_kv, index)
+        x_BTD = x_BTD + a
+        return x_BTD + self.mlp(self.mlp_norm(x_BTD)), new_kv
+
+
+class Transformer(nnx.Module):
+    """A decoder-only transformer trunk with optional heads.
+
+    Heads:
+      * `lm`: next-token logits (tied to the embedding when `cfg.tie_embeddings`);
+      * `reward`: a scalar read at the last real token (InstructGPT reward model), init
+        N(0, 1/sqrt(D+1)), followed by a stored normalisation `gain * r + bias`;
+      * `value`: a scalar per token (PPO critic), init zeros as in OpenAI's code.
+
+    Call `model(input_ids, attention_mask)` for LM logits; `hidden` + the head methods for
+    everything else (one trunk pass can feed several heads).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, heads: tuple[str, ...] = ("lm",)):
+        unknown = set(heads) - {"lm", "reward", "value"}
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; expected a subset of ('lm', 'reward', 'value')")
+        self.cfg = cfg
+        self.heads = tuple(heads)
+        d = cfg.hidden_size
+        self.embed = _param(nnx.initializers.normal(0.02), rngs, (cfg.vocab_size, d), cfg.storage_dtype,
+                            ("vocab", "embed"))
+        self.pos_embed = (_param(nnx.initializers.normal(0.01), rngs, (cfg.max_position_embeddings, d),
+                                 cfg.storage_dtype, ("positions", "embed"))
+                          if cfg.position == "learned" else None)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = Norm(cfg, rngs=rngs)
+        self.lm_head = (Linear(d, cfg.vocab_size, ("embed", "vocab"), cfg=cfg, rngs=rngs)
+                        if "lm" in heads and not cfg.tie_embeddings else None)
+        self.reward_head = (Linear(d, 1, ("embed", "head_out"), cfg=cfg, rngs=rngs, bias=True,
+                                   init=nnx.initializers.normal(1.0 / math.sqrt(d + 1)))
+                            if "reward" in heads else None)
+        if "reward" in heads:
+            self.reward_gain = RewardNorm(jnp.ones((), jnp.float32), logical_axes=())
+            self.reward_bias = RewardNorm(jnp.zeros((), jnp.float32), logical_axes=())
+        self.value_head = (Linear(d, 1, ("embed", "head_out"), cfg=cfg, rngs=rngs, bias=True,
+                                  init=nnx.initializers.zeros)
+                           if "value" in heads else None)
+
+    # ------------------------------------------------------------------ trunk
+    def hidden(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
+               positions_BT: jax.Array | None = None, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D] (compute dtype), and the updated cache or None.
+
+        With a cache, the T new tokens are written at slots [cache.index, cache.index + T) and
+        attend to every real token already in the cache.
+        """
+        b, t = input_ids_BT.shape
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones((b, t), jnp.int32)
+        attention_mask_BT = attention_mask_BT.astype(jnp.int32)
+        past_B = cache.lengths_B if cache is not None else jnp.zeros((b,), jnp.int32)
+        if positions_BT is None:
+            positions_BT = jnp.maximum(past_B[:, None] + jnp.cumsum(attention_mask_BT, -1) - 1, 0)
+
+        x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.cfg.compute_dtype)
+        if self.pos_embed is not None:
+            x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(x_BTD.dtype)
+
+        if cache is None:
+            q_slots_T = k_slots_S = jnp.arange(t)
+            key_mask_BS, index = attention_mask_BT, None
+        else:
+            q_slots_T = cache.index + jnp.arange(t)
+            k_slots_S = jnp.arange(cache.max_length)
+            key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, attention_mask_BT, (0, cache.index))
+            index = cache.index
+
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x_BTD, layer_kv = layer(x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, kv, index)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        h_BTD = self.final_norm(x_BTD)
+
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask_BS=key_mask_BS,
+                                lengths_B=past_B + attention_mask_BT.sum(-1), index=cache.index + t)
+        return h_BTD, new_cache
+
+    # ------------------------------------------------------------------ heads
+    def logits(self, h_BTD: jax.Array) -> jax.Array:
+        """Next-token logits [B, T, V] in float32."""
+        if "lm" not in self.heads:
+            raise ValueError("this model was built without an LM head (heads=%r)" % (self.heads,))
+        dtype = self.cfg.compute_dtype
+        w_DV = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=jnp.float32)
+
+    def values(self, h_BTD: jax.Array) -> jax.Array:
+        """Per-token value estimates [B, T] in float32."""
+        if self.value_head is None:
+            raise ValueError("this model was built without a value head (heads=%r)" % (self.heads,))
+        return self.value_head(h_BTD)[..., 0].astype(jnp.float32)
+
+    def raw_rewards(self, h_BTD: jax.Array) -> jax.Array:
+        """Unnormalised reward-head output at every position [B, T], float32."""
+        if self.reward_head is None:
+            raise ValueError("this model was built without a reward head (heads=%r)" % (self.heads,))
+        return self.reward_head(h_BTD)[..., 0].astype(jnp.float32)
+
+    def reward(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
+        """Normalised scalar reward [B] read at the last real token of each row."""
+        h_BTD, _ = self.hidden(input_ids_BT, attention_mask_BT)
+        raw_B = gather_last(self.raw_rewards(h_BTD), attention_mask_BT)
+        return self.reward_gain[...] * raw_B + self.reward_bias[...]
+
+    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
+                 positions_BT: jax.Array | None = None, cache: KVCache | None = None):
+        """LM logits [B, T, V] (float32); with a `cache`, returns `(logits, new_cache)`."""
+        h_BTD, new_cache = self.hidden(input_ids_BT, attention_mask_BT, positions_BT=positions_BT, cache=cache)
+        logits = self.logits(h_BTD)
+        return logits if cache is None else (logits, new_cache)
+
+
+def last_index(mask_BT: jax.Array) -> jax.Array:
+    """Index of the last nonzero entry of each row [B] (0 for an all-zero row).
+
+    Works for left and right padding alike, so a score is never read at a pad position.
+    """
+    t = mask_BT.shape[-1]
+    positions = jnp.where(mask_BT > 0, jnp.arange(t), -1)
+    return jnp.maximum(positions.max(-1), 0)
+
+
+def gather_last(x_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
+    """x at the last real token of each row [B]."""
+    return jnp.take_along_axis(x_BT, last_index(mask_BT)[:, None], axis=-1)[:, 0]

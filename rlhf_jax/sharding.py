@@ -1,0 +1,154 @@
+"""Device mesh, logical-axis rules, and models created already sharded.
+
+The mesh has three named axes:
+  * `data`   — pure data parallelism (parameters replicated);
+  * `fsdp`   — data parallelism whose parameters (and optimizer state) are sharded too;
+  * `tensor` — tensor (model) parallelism inside a layer.
+
+Every parameter names its dimensions with logical axes ('vocab', 'embed', 'heads', ...); one
+rules table maps each logical name to a mesh axis (or None for replicated). Changing the
+parallelism is editing that table, never the model. A logical name with no rule is an error,
+not a silent replication.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical name -> mesh axis (or a tuple of axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("positions", None),
+    ("norm", None),
+    ("head_out", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one size may be -1 to take the rest.
+
+    Uses `AxisType.Auto` axes, so shardings propagate through XLA (GSPMD) from the explicit
+    in/out shardings of each jitted step.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {dict(zip(MESH_AXES, sizes))}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh: {len(devices)} devices are not divisible by {known} "
+                             f"({dict(zip(MESH_AXES, sizes))})")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {int(np.prod(sizes))} but there are {len(devices)} devices "
+                         f"({dict(zip(MESH_AXES, sizes))})")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def mesh_from_config(cfg) -> Mesh:
+    """Mesh from a config with fields `data`, `fsdp`, `tensor` (e.g. `config.mesh`)."""
+    return make_mesh(int(cfg.data), int(cfg.fsdp), int(cfg.tensor))
+
+
+def rules_from_config(rules: Iterable | None) -> dict:
+    """Normalises a rules table (list of [name, axis] pairs, or a mapping) into a dict."""
+    if rules is None:
+        rules = DEFAULT_RULES
+    items = rules.items() if isinstance(rules, Mapping) else rules
+    out = {}
+    for name, axes in items:
+        if isinstance(axes, list):
+            axes = tuple(axes)
+        out[str(name)] = axes
+    return out
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Mapping, *, where: str = "") -> P:
+    """PartitionSpec for a tuple of logical names. Raises on a name the rules do not cover."""
+    spec, used = [], set()
+    for name in logical_axes:
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise ValueError(f"no sharding rule for logical axis {name!r}{where}; "
+                             f"rules cover {sorted(rules)}")
+        axes = rules[name]
+        flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        if used & set(flat):
+            raise ValueError(f"mesh axis used twice in one parameter{where}: logical axes {tuple(logical_axes)}")
+        used |= set(flat)
+        spec.append(axes)
+    return P(*spec)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping | None = None) -> NamedSharding:
+    """Sharding of a batch array: leading dim over the 'batch' rule's axes, rest replicated."""
+    rules = rules_from_config(rules)
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def _variable_spec(path, var: nnx.Variable, mesh: Mesh, rules: Mapping) -> NamedSharding:
+    where = f" (parameter {'.'.join(map(str, path))})"
+    meta = var.get_metadata()
+    if "logical_axes" not in meta:
+        raise ValueError(f"parameter has no logical_axes metadata{where}")
+    axes = meta["logical_axes"]
+    shape = var.get_value().shape if hasattr(var, "get_value") else var.value.shape
+    if len(axes) != len(shape):
+        raise ValueError(f"logical_axes {axes} do not match shape {shape}{where}")
+    spec = logical_to_spec(axes, rules, where=where)
+    for dim, part in zip(shape, spec):
+        if part is None:
+            continue
+        size = int(np.prod([mesh.shape[a] for a in ((part,) if isinstance(part, str) else part)]))
+        if dim % size:
+            raise ValueError(f"dimension of size {dim} is not divisible by mesh axes {part} of size {size}{where}; "
+                             f"change the rules or the mesh")
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping | None = None):
+    """A tree of NamedShardings with the structure of `state` (a prefix: one per Variable)."""
+    rules = rules_from_config(rules)
+    flat = nnx.to_flat_state(state)
+    sharded = [(path, _variable_spec(path, var, mesh, rules)) for path, var in flat]
+    return nnx.from_flat_state(sharded)
+
+
+def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
+    """Builds a model whose every parameter is born sharded on `mesh`.
+
+    `jax.eval_shape` gives the abstract parameters (no memory), the rules give their
+    shardings, and the initializer is jitted with those out_shardings, so no device ever
+    holds a full copy of a sharded parameter.
+    """
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    def init():
+        return nnx.split(make_model())[1]
+
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
+    """Places an existing model's parameters on the mesh according to the rules."""
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh, rules)
+    return nnx.merge(graphdef, jax.device_put(state, shardings))
