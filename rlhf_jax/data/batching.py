@@ -1,0 +1,262 @@
+"""Fixed-shape, LEFT-padded numpy batches and a resumable, multi-host batch iterator.
+
+Every batch is left-padded: the last real token of a row sits at index T−1, pad tokens
+(`pad_id`, attention_mask 0) fill the front, and the model derives positions as
+cumsum(attention_mask) − 1. Shapes never change within a run, so a jitted step compiles once.
+
+Batch dicts (numpy arrays):
+  SFT:        input_ids int32[B, T], attention_mask int32[B, T] (1 = real token),
+              loss_mask float32[B, T] (1 where token t is a target; its prediction comes
+              from position t−1, so a loss uses logits[:, :-1] against input_ids[:, 1:]
+              weighted by loss_mask[:, 1:]).
+  preference: input_ids int32[N, T], attention_mask int32[N, T]: one row per response
+              (prompt + response + EOS); chosen_idx, rejected_idx int32[P]: rows of the
+              GLOBAL batch; margin float32[P]; pair_mask float32[P] (0 = padding pair,
+              whose indices are 0).
+  prompt:     input_ids int32[B, Tq], attention_mask int32[B, Tq], index int32[B] (the
+              example's index in the dataset, −1 for a padding row; `prompt_texts` maps it
+              to the prompt text for logging).
+Padding rows (unused response slots, or the filler of a padded last batch) are all pad
+with attention_mask all 0 and loss_mask 0. Code that reads such a row (a softmax over an
+all-masked row, or "the last real token") must mask the result — pair_mask / loss_mask /
+index ≥ 0 say which results count.
+
+Preference batches (InstructGPT grouping): whole prompt groups are packed, in the epoch's
+order, into a batch until adding the next group would exceed `max_responses` (N) response
+slots or `max_pairs` (P) pair slots; then a new batch starts. A group that alone exceeds N
+or P raises a ValueError naming its first row (`preference_dataset(..., max_responses=,
+max_pairs=)` catches this at load time, where it can also be skipped).
+
+Epochs and resuming: the order of epoch e is a permutation drawn from
+`np.random.default_rng([seed, e])`, so it depends only on (seed, epoch) and changes every
+epoch. Steps are counted globally across epochs from 0; `start_step=s` yields exactly the
+batches from step s on, without building the skipped ones. `drop_last=True` drops the last
+batch of each epoch if it is partial — for SFT/prompt data the final `n mod B` examples,
+for preference data the final packed batch (the one holding the leftover groups). With
+`drop_last=False` the last SFT/prompt batch is filled with padding rows instead.
+
+Multi-host: every process computes the same GLOBAL batch and yields its contiguous slice
+along the leading axis of every array — rows [i·B/n, (i+1)·B/n) for process i of n (and
+likewise for N and P). The slices concatenate to the global batch, which is what
+`jax.make_array_from_process_local_data` expects; chosen_idx/rejected_idx stay indices into
+the global response axis. B (or N and P) must be divisible by the process count.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from rlhf_jax.data.examples import Dataset
+
+
+def left_pad(seqs: Sequence[np.ndarray | None], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pads token sequences into (input_ids int32[B, length], attention_mask int32[B, length]).
+
+    A None entry gives an all-padding row. Sequences longer than `length` are an error (the
+    datasets truncate to their seq_len, so this means a mismatched length was passed).
+    """
+    ids = np.full((len(seqs), length), pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    for b, seq in enumerate(seqs):
+        if seq is None:
+            continue
+        if len(seq) > length:
+            raise ValueError(f"sequence of {len(seq)} tokens does not fit in length {length}")
+        ids[b, length - len(seq):] = seq
+        mask[b, length - len(seq):] = 1
+    return ids, mask
+
+
+def sft_batch(dataset: Dataset, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """SFT batch of the examples at `indices` (−1 = padding row); arrays [len(indices), T]."""
+    T = dataset.seq_len
+    exs = [dataset.examples[i] if i >= 0 else None for i in indices]
+    ids, mask = left_pad([None if e is None else e.input_ids for e in exs], T, dataset.pad_id)
+    loss = np.zeros((len(exs), T), np.float32)
+    for b, e in enumerate(exs):
+        if e is not None:
+            loss[b, T - len(e.loss_mask):] = e.loss_mask
+    return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
+
+
+def prompt_batch(dataset: Dataset, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Prompt batch of the examples at `indices` (−1 = padding row); arrays [len(indices), Tq]."""
+    seqs = [dataset.examples[i].input_ids if i >= 0 else None for i in indices]
+    ids, mask = left_pad(seqs, dataset.seq_len, dataset.pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "index": np.asarray(indices, np.int32)}
+
+
+def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int,
+                     max_pairs: int) -> dict[str, np.ndarray]:
+    """Packs the preference groups at `groups` into one batch of N=max_responses response
+    rows and P=max_pairs pair slots (see the module docstring for the keys)."""
+    seqs: list[np.ndarray | None] = []
+    chosen = np.zeros(max_pairs, np.int32)
+    rejected = np.zeros(max_pairs, np.int32)
+    margin = np.zeros(max_pairs, np.float32)
+    pair_mask = np.zeros(max_pairs, np.float32)
+    p = 0
+    for g in groups:
+        group = dataset.examples[g]
+        _check_group_fits(group, max_responses, max_pairs)
+        n = len(group.chosen)
+        if len(seqs) + len(group.responses) > max_responses or p + n > max_pairs:
+            raise ValueError(f"groups {list(groups)} do not fit in one batch of {max_responses} responses / "
+                             f"{max_pairs} pairs")
+        chosen[p:p + n] = group.chosen + len(seqs)
+        rejected[p:p + n] = group.rejected + len(seqs)
+        margin[p:p + n] = group.margin
+        pair_mask[p:p + n] = 1.0
+        p += n
+        seqs += list(group.responses)
+    seqs += [None] * (max_responses - len(seqs))
+    ids, mask = left_pad(seqs, dataset.seq_len, dataset.pad_id)
+    return {"input_ids": ids, "attention_mask": mask, "chosen_idx": chosen, "rejected_idx": rejected,
+            "margin": margin, "pair_mask": pair_mask}
+
+
+def _check_group_fits(group, max_responses: int, max_pairs: int) -> None:
+    if len(group.responses) > max_responses or len(group.chosen) > max_pairs:
+        raise ValueError(
+            f"{group.where}: the prompt group starting at this row has {len(group.responses)} responses and "
+            f"{len(group.chosen)} pairs, more than one batch holds (max_responses={max_responses}, "
+            f"max_pairs={max_pairs}). Raise the limits, or pass them to preference_dataset with "
+            "on_bad_row='skip' to drop such groups."
+        )
+
+
+def pack_groups(sizes: Sequence[tuple[int, int]], order: Sequence[int], max_responses: int,
+                max_pairs: int) -> list[list[int]]:
+    """Greedy packing of groups (taken in `order`) into batches.
+
+    Args:
+      sizes: (number of responses, number of pairs) per group.
+      order: the group indices in the order to pack them.
+    Returns:
+      the list of batches, each a list of group indices; a batch is closed when the next
+      group would overflow max_responses or max_pairs.
+    """
+    out: list[list[int]] = []
+    current: list[int] = []
+    n_resp = n_pairs = 0
+    for g in order:
+        r, p = sizes[g]
+        if current and (n_resp + r > max_responses or n_pairs + p > max_pairs):
+            out.append(current)
+            current, n_resp, n_pairs = [], 0, 0
+        current.append(int(g))
+        n_resp += r
+        n_pairs += p
+    if current:
+        out.append(current)
+    return out
+
+
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _epoch_plan(dataset: Dataset, epoch: int, *, batch_size, max_responses, max_pairs, seed, shuffle,
+                drop_last) -> list[list[int]]:
+    """The batches of one epoch as lists of example (or group) indices; −1 = padding row."""
+    order = _epoch_order(len(dataset), seed, epoch, shuffle)
+    if dataset.kind == "preference":
+        sizes = [(len(g.responses), len(g.chosen)) for g in dataset.examples]
+        plan = pack_groups(sizes, order, max_responses, max_pairs)
+        return plan[:-1] if drop_last else plan
+    n = len(order)
+    plan = [order[k:k + batch_size].tolist() for k in range(0, n - n % batch_size, batch_size)]
+    if n % batch_size and not drop_last:
+        rest = order[n - n % batch_size:].tolist()
+        plan.append(rest + [-1] * (batch_size - len(rest)))
+    return plan
+
+
+def _check_args(dataset: Dataset, batch_size, max_responses, max_pairs, process_index, process_count) -> None:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    if dataset.kind == "preference":
+        if max_responses is None or max_pairs is None:
+            raise ValueError("preference batches need max_responses and max_pairs")
+        sizes = {"max_responses": max_responses, "max_pairs": max_pairs}
+        for g in dataset.examples:
+            _check_group_fits(g, max_responses, max_pairs)
+    else:
+        if batch_size is None:
+            raise ValueError(f"{dataset.kind} batches need batch_size")
+        sizes = {"batch_size": batch_size}
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be positive, got {value}")
+        if value % process_count:
+            raise ValueError(f"global {name}={value} is not divisible by process_count={process_count}; "
+                             "every process takes an equal slice of each global batch")
+
+
+def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: int | None = None,
+            max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, num_epochs: int | None = 1,
+            start_step: int = 0, drop_last: bool = True, process_index: int = 0,
+            process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates over this process's slice of every global batch (module docstring).
+
+    Args:
+      dataset: from `sft_dataset`, `preference_dataset` or `prompt_dataset`.
+      batch_size: global B (SFT and prompt data).
+      max_responses, max_pairs: global N and P (preference data).
+      seed: shuffling seed (non-negative); epoch e's order depends only on (seed, e).
+      shuffle: False keeps the dataset order (evaluation).
+      num_epochs: epochs to run; None = forever.
+      start_step: global step (counted from 0 over all epochs) of the first batch yielded.
+      drop_last: drop (True) or pad (False) the last partial batch of each epoch.
+      process_index, process_count: this process and the number of processes.
+
+    Returns:
+      an iterator of batch dicts with local leading sizes B/n (or N/n and P/n).
+    """
+    _check_args(dataset, batch_size, max_responses, max_pairs, process_index, process_count)
+    plan_args = dict(batch_size=batch_size, max_responses=max_responses, max_pairs=max_pairs, seed=seed,
+                     shuffle=shuffle, drop_last=drop_last)
+    if not _epoch_plan(dataset, 0, **plan_args):
+        raise ValueError(f"{dataset.source}: {len(dataset)} examples give no complete batch "
+                         f"({plan_args}); use a smaller batch or drop_last=False")
+
+    def local(array: np.ndarray) -> np.ndarray:
+        size = len(array) // process_count
+        return array[process_index * size:(process_index + 1) * size]
+
+    def build(plan: list[int]) -> dict[str, np.ndarray]:
+        if dataset.kind == "preference":
+            # Built globally: a group's pairs may point at rows of another process's slice.
+            return {k: local(v) for k, v in preference_batch(dataset, plan, max_responses, max_pairs).items()}
+        rows = local(np.asarray(plan))
+        return sft_batch(dataset, rows) if dataset.kind == "sft" else prompt_batch(dataset, rows)
+
+    def generate() -> Iterator[dict[str, np.ndarray]]:
+        step, epoch = 0, 0
+        while num_epochs is None or epoch < num_epochs:
+            plan = _epoch_plan(dataset, epoch, **plan_args)
+            for k in range(max(0, start_step - step), len(plan)):
+                yield build(plan[k])
+            step += len(plan)
+            epoch += 1
+
+    return generate()
+
+
+def num_batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: int | None = None,
+                max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, epoch: int = 0,
+                drop_last: bool = True) -> int:
+    """Number of batches in one epoch (for schedules). For preference data the packing, and so
+    the count, can differ slightly between epochs; this is the count of epoch `epoch`."""
+    _check_args(dataset, batch_size, max_responses, max_pairs, 0, 1)
+    return len(_epoch_plan(dataset, epoch, batch_size=batch_size, max_responses=max_responses,
+                           max_pairs=max_pairs, seed=seed, shuffle=shuffle, drop_last=drop_last))
+
+
+def prompt_texts(dataset: Dataset, batch: dict[str, np.ndarray]) -> list[str]:
+    """The prompt texts of a prompt batch, for logging ("" for padding rows)."""
+    return [dataset.examples[i].prompt if i >= 0 else "" for i in batch["index"].tolist()]

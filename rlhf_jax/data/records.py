@@ -1,0 +1,225 @@
+"""Reading raw rows with `datasets`, and the bad-row policy shared by all formats.
+
+`load_records` turns a local file, a directory of files, or a hub name into plain Python
+rows (`list[dict]`) and remembers which file each row came from, so a bad row can be
+reported as `file, row N` (1-based) in one clear error.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+_log = logging.getLogger(__name__)
+
+# File name endings → `datasets` packaged builder. Compressed JSON is handled by `datasets`.
+_BUILDERS = {
+    ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json",
+    ".json.bz2": "json", ".jsonl.bz2": "json", ".json.xz": "json", ".jsonl.xz": "json",
+    ".json.zst": "json", ".jsonl.zst": "json",
+    ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
+}
+SUPPORTED_SUFFIXES = tuple(_BUILDERS)
+
+ON_BAD_ROW = ("error", "skip")
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+    """Raw rows plus where they came from.
+
+    Attributes:
+      rows: the rows, as plain Python dicts (a column missing from a row reads as None).
+      source: the path or hub name given to `load_records`, for messages about the whole set.
+      files: (file name, number of rows) per file, in the order the rows were concatenated.
+    """
+
+    rows: list[dict[str, Any]]
+    source: str
+    files: tuple[tuple[str, int], ...]
+
+    def location(self, index: int) -> tuple[str, int]:
+        """(file name, 1-based row number within that file) of `rows[index]`."""
+        starts = []
+        total = 0
+        for _, n in self.files:
+            starts.append(total)
+            total += n
+        k = bisect.bisect_right(starts, index) - 1
+        return self.files[k][0], index - starts[k] + 1
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict[str, Any]], source: str = "<memory>") -> "Records":
+        rows = list(rows)
+        return cls(rows=rows, source=source, files=((source, len(rows)),))
+
+
+class BadRowError(ValueError):
+    """A row that cannot be used; the message names the file, the 1-based row and the field."""
+
+    def __init__(self, file: str, row: int, field: str, reason: str, detail: str):
+        self.file, self.row, self.field, self.reason, self.detail = file, row, field, reason, detail
+        super().__init__(
+            f"{file}: row {row}: field {field!r}: {detail} [{reason}]. Fix or remove the row, "
+            "or pass on_bad_row='skip' to skip bad rows and count them."
+        )
+
+
+class RowProblem(Exception):
+    """Raised by the row parsers; turned into `BadRowError` or a skip by `LoadReport`."""
+
+    def __init__(self, reason: str, field: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What happened to the rows of one source while building a dataset.
+
+    Attributes:
+      source: the path or hub name.
+      format: the row format used (detected or given).
+      rows: rows read.
+      kept: rows that gave examples.
+      skipped: number of skipped rows by reason (only with on_bad_row='skip').
+      truncated: sequences (SFT examples, preference responses, prompts) shortened to fit
+        max_length / max_prompt_length.
+      notes: other counts worth logging (e.g. duplicate ranked responses merged).
+      first_skipped: the messages of the first few skipped rows, for a log line.
+    """
+
+    source: str
+    format: str = ""
+    rows: int = 0
+    kept: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    truncated: int = 0
+    notes: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_skipped: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def bad_row(self, records: Records, index: int, problem: RowProblem, on_bad_row: str) -> None:
+        """Raises `BadRowError` for `records.rows[index]`, or counts it when skipping."""
+        file, row = records.location(index)
+        error = BadRowError(file, row, problem.field, problem.reason, problem.detail)
+        if on_bad_row == "error":
+            raise error
+        self.skipped[problem.reason] = self.skipped.get(problem.reason, 0) + 1
+        if len(self.first_skipped) < 5:
+            self.first_skipped.append(f"{file}: row {row}: field {problem.field!r}: {problem.detail}")
+
+    def note(self, key: str, n: int = 1) -> None:
+        self.notes[key] = self.notes.get(key, 0) + n
+
+    def log(self) -> None:
+        if self.num_skipped:
+            _log.warning("%s: skipped %d of %d rows %s; first: %s", self.source, self.num_skipped,
+                         self.rows, self.skipped, self.first_skipped[0])
+        if self.truncated:
+            _log.info("%s: %d examples truncated to fit the length limits", self.source, self.truncated)
+
+
+def check_on_bad_row(on_bad_row: str) -> None:
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+
+
+def _builder(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted(_BUILDERS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return _BUILDERS[suffix]
+    return None
+
+
+def _looks_local(path: str) -> bool:
+    """True for strings that are meant as file paths rather than hub dataset names."""
+    return (
+        os.path.isabs(path) or path.startswith((".", "~")) or _builder(Path(path)) is not None
+        or path.count("/") > 1 or os.sep != "/" and os.sep in path
+    )
+
+
+def _load_file(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
+    import datasets  # slow to import; only needed when reading files
+
+    builder = _builder(path)
+    if builder is None:
+        raise ValueError(f"{path}: unsupported file type; supported endings: {', '.join(SUPPORTED_SUFFIXES)}")
+    # datasets keeps heterogeneous JSON columns (a string in one row, a list in another) as
+    # a `Json` feature with the original Python values, so a wrong-type row survives
+    # loading and is reported by the row checks with its row number.
+    ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    return ds.to_list()
+
+
+def load_records(path: Any, *, split: str = "train", cache_dir: str | None = None) -> Records:
+    """Reads rows from a local file or directory, a hub dataset, or passes rows through.
+
+    Args:
+      path: a file (.json, .jsonl, .jsonl.gz, .parquet, .csv, .arrow), a directory (every
+        supported file in it, recursively, in sorted order; or a `save_to_disk` folder), a
+        hub dataset name, a `Records`, or a list of dicts.
+      split: the split to read from a hub dataset or a `save_to_disk` DatasetDict.
+      cache_dir: the `datasets` cache folder (default: the `datasets` default).
+
+    Returns:
+      `Records` with the rows as plain dicts, the source name and the per-file row counts.
+    """
+    if isinstance(path, Records):
+        return path
+    if isinstance(path, (list, tuple)):
+        return Records.from_rows(path)
+    name = os.fspath(path)
+    p = Path(name).expanduser()
+    if p.is_file():
+        rows = _load_file(p, cache_dir)
+        return Records(rows=rows, source=name, files=((name, len(rows)),))
+    if p.is_dir():
+        import datasets
+
+        if (p / "state.json").exists() or (p / "dataset_dict.json").exists():
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+            rows = ds.to_list()
+            return Records(rows=rows, source=name, files=((name, len(rows)),))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and _builder(f) is not None
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
+        if not files:
+            raise ValueError(f"{name}: directory has no data files; supported endings: {', '.join(SUPPORTED_SUFFIXES)}")
+        all_rows: list[dict[str, Any]] = []
+        counts = []
+        for f in files:
+            rows = _load_file(f, cache_dir)
+            all_rows.extend(rows)
+            counts.append((str(f), len(rows)))
+        return Records(rows=all_rows, source=name, files=tuple(counts))
+    if _looks_local(name):
+        raise FileNotFoundError(f"{name}: no such file or directory")
+    return _load_hub(name, split, cache_dir)
+
+
+def _load_hub(name: str, split: str, cache_dir: str | None) -> Records:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 — network, auth and offline errors all mean the same to the user
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(
+            f"could not load dataset {name!r} from the Hugging Face Hub ({type(e).__name__}: {cause}). "
+            f"It is not a local file either ({Path(name).resolve()} does not exist). Without network "
+            "access (or with HF_HUB_OFFLINE=1), download the data elsewhere and pass a local path: "
+            "a .json/.jsonl/.jsonl.gz/.parquet file or a directory of such files."
+        ) from None
+    rows = ds.to_list()
+    return Records(rows=rows, source=name, files=((name, len(rows)),))
