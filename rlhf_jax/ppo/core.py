@@ -1,0 +1,450 @@
+"""PPO algorithm pieces as small pure functions of arrays.
+
+Everything here is jit-able: no Python control flow on array values, no globals,
+no hidden state. Shapes use suffixes: B batch, T response length, V vocabulary.
+
+Masks (`mask_BxT`) are 0/1 (bool or numeric): 1 for real response tokens, up to
+and including the stop token, then 0 for padding after the stop. Functions read
+masked-out entries of their inputs only through `jnp.where`, so padding may hold
+anything (even inf or nan, e.g. log-probs of pad tokens) without leaking into
+results.
+
+Reductions are global: `masked_mean(x_BxT, mask_BxT)` averages over every real
+token of the batch. When the batch is sharded across devices and the function is
+called under `jax.jit`, XLA inserts the cross-device all-reduce for such a
+reduction itself, so whitening and losses are over the whole (global) batch, not
+per device, and no `axis_name` is needed. (Only inside `shard_map`, where code
+sees the local shard, would an explicit `lax.psum` be required.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = [
+    "KL_ESTIMATORS",
+    "KLController",
+    "KLPenalizedRewards",
+    "adaptive_kl_update",
+    "compute_rewards",
+    "entropy_from_logits",
+    "explained_variance",
+    "gae",
+    "kl_k1",
+    "kl_k3",
+    "last_token_onehot",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "value_loss",
+]
+
+
+def _float(x: Array) -> Array:
+    """Promotes low-precision floats (bf16/f16) and ints to at least float32."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.result_type(x.dtype, jnp.float32))
+
+
+# --------------------------------------------------------------------------
+# Masked statistics.
+# --------------------------------------------------------------------------
+
+
+def masked_mean(x: Array, mask: Array, axis: int | tuple[int, ...] | None = None) -> Array:
+    """Mean of `x` over the entries where `mask` is 1.
+
+    Args:
+      x: any shape, e.g. [B, T].
+      mask: 0/1, broadcastable to `x.shape`.
+      axis: axes to reduce; None reduces everything (the global batch mean).
+
+    Returns:
+      The mean, shape of `x` with `axis` removed. Where no entry is selected
+      the result is 0 rather than nan.
+    """
+    x = _float(x)
+    m = jnp.broadcast_to(jnp.asarray(mask).astype(bool), x.shape)
+    total = jnp.sum(jnp.where(m, x, 0.0), axis=axis)
+    count = jnp.sum(m, axis=axis).astype(x.dtype)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)
+
+
+def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
+    """Variance of `x` over all entries where `mask` is 1 (a global scalar).
+
+    Args:
+      x: any shape, e.g. [B, T].
+      mask: 0/1, broadcastable to `x.shape`.
+      unbiased: apply Bessel's correction n/(n-1) (as TRL does). With fewer than
+        two selected entries the correction is skipped (no error can be raised
+        on traced values), giving 0 for a single entry.
+
+    Returns:
+      Scalar variance.
+    """
+    x = _float(x)
+    mean = masked_mean(x, mask)
+    var = masked_mean(jnp.square(x - mean), mask)
+    if unbiased:
+        m = jnp.broadcast_to(jnp.asarray(mask).astype(bool), x.shape)
+        n = jnp.sum(m).astype(x.dtype)
+        var = jnp.where(n > 1, var * n / jnp.maximum(n - 1.0, 1.0), var)
+    return var
+
+
+def masked_whiten(
+    x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8
+) -> Array:
+    """Normalises `x` to unit variance over the masked entries of the whole batch.
+
+    `(x - mean) / sqrt(var + eps)`; with `shift_mean=False` the mean is added back
+    (OpenAI's reward whitening: scale only, keep the mean). The statistics are
+    global over every masked entry, so under `jax.jit` with a sharded batch they
+    are all-reduced across devices automatically.
+
+    Args:
+      x: [B, T] (any shape).
+      mask: 0/1, broadcastable to `x.shape`.
+      shift_mean: if False, the result keeps the original mean.
+      eps: added to the variance.
+
+    Returns:
+      Same shape as `x`; 0 where `mask` is 0.
+    """
+    x = _float(x)
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    out = (x - mean) * jax.lax.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    m = jnp.broadcast_to(jnp.asarray(mask).astype(bool), x.shape)
+    return jnp.where(m, out, 0.0)
+
+
+# --------------------------------------------------------------------------
+# KL estimators and the KL-penalised reward.
+# --------------------------------------------------------------------------
+
+
+def kl_k1(logp_BxT: Array, ref_logp_BxT: Array) -> Array:
+    """Per-token KL estimate k1 = logp - ref_logp (OpenAI, TRL default).
+
+    Unbiased for KL(policy || ref) on tokens sampled from the policy, but
+    negative on tokens the reference prefers. Shapes [B, T] -> [B, T].
+    """
+    return _float(logp_BxT) - _float(ref_logp_BxT)
+
+
+def kl_k3(logp_BxT: Array, ref_logp_BxT: Array) -> Array:
+    """Per-token KL estimate k3 = (r - 1) - log r, r = exp(ref_logp - logp).
+
+    Unbiased, lower variance than k1, and >= 0 everywhere (since
+    e^u - 1 >= u). Computed with `expm1` so small differences stay accurate.
+    Shapes [B, T] -> [B, T].
+    """
+    log_r = _float(ref_logp_BxT) - _float(logp_BxT)
+    return jnp.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS: dict[str, Callable[[Array, Array], Array]] = {
+    "k1": kl_k1,
+    "k3": kl_k3,
+}
+"""Per-token KL estimators by config name."""
+
+
+class KLPenalizedRewards(NamedTuple):
+    """Output of `compute_rewards`; every field is [B, T] and 0 where mask is 0."""
+
+    rewards: Array  # -beta * kl, plus the score at the last real token
+    kl: Array  # the estimator used in the penalty
+    kl_k1: Array  # both estimators, for logging
+    kl_k3: Array
+
+
+def last_token_onehot(mask_BxT: Array) -> Array:
+    """One-hot [B, T] at the last position where `mask` is 1 (all 0 if none)."""
+    m = jnp.asarray(mask_BxT).astype(bool)
+    t = m.shape[-1]
+    # Index of the last True: T - 1 - (first True in the reversed row).
+    last = t - 1 - jnp.argmax(m[..., ::-1], axis=-1)
+    onehot = jnp.arange(t) == last[..., None]
+    return onehot & jnp.any(m, axis=-1, keepdims=True)
+
+
+def compute_rewards(
+    scores_B: Array,
+    logp_BxT: Array,
+    ref_logp_BxT: Array,
+    mask_BxT: Array,
+    beta: float | Array,
+    kl_estimator: str = "k1",
+) -> KLPenalizedRewards:
+    """Per-token PPO rewards: r_t = -beta * KL_t, plus the RM score at the stop.
+
+    The score of each response is added at the last real token of its row (the
+    stop token, or the final position of a response that never stopped).
+
+    Args:
+      scores_B: [B] reward-model scores (already normalised / penalised).
+      logp_BxT: [B, T] log-probs of the sampled tokens under the policy used
+        for sampling (with the sampling temperature applied).
+      ref_logp_BxT: [B, T] log-probs of the same tokens under the reference.
+      mask_BxT: [B, T] 0/1 response mask.
+      beta: KL coefficient (Python float or traced scalar).
+      kl_estimator: "k1" or "k3" (`KL_ESTIMATORS`); picked at trace time.
+
+    Returns:
+      `KLPenalizedRewards(rewards, kl, kl_k1, kl_k3)`, each [B, T], masked.
+    """
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(
+            f"kl_estimator={kl_estimator!r} is not one of {sorted(KL_ESTIMATORS)}"
+        )
+    m = jnp.asarray(mask_BxT).astype(bool)
+    k1 = jnp.where(m, kl_k1(logp_BxT, ref_logp_BxT), 0.0)
+    k3 = jnp.where(m, kl_k3(logp_BxT, ref_logp_BxT), 0.0)
+    kl = {"k1": k1, "k3": k3}[kl_estimator]
+    scores_B = _float(scores_B)
+    rewards = -beta * kl + jnp.where(last_token_onehot(m), scores_B[:, None], 0.0)
+    return KLPenalizedRewards(rewards=rewards, kl=kl, kl_k1=k1, kl_k3=k3)
+
+
+# --------------------------------------------------------------------------
+# Advantages.
+# --------------------------------------------------------------------------
+
+
+def gae(
+    rewards_BxT: Array,
+    values_BxT: Array,
+    mask_BxT: Array,
+    gamma: float | Array = 1.0,
+    lam: float | Array = 0.95,
+) -> tuple[Array, Array]:
+    """Generalised advantage estimation, right to left with `lax.scan`.
+
+    Values and rewards past the stop are treated as 0: the step after the last
+    real token is terminal, so its bootstrap value is 0.
+
+    Args:
+      rewards_BxT: [B, T] per-token rewards.
+      values_BxT: [B, T] value estimates V(s_t) from the rollout.
+      mask_BxT: [B, T] 0/1 response mask (1s then 0s).
+      gamma: discount.
+      lam: GAE lambda.
+
+    Returns:
+      (advantages_BxT, returns_BxT) with returns = advantages + values; both 0
+      where mask is 0. Advantages are not whitened here (see `masked_whiten`).
+    """
+    m = jnp.asarray(mask_BxT).astype(bool)
+    r = jnp.where(m, _float(rewards_BxT), 0.0)
+    v = jnp.where(m, _float(values_BxT), 0.0)
+    next_v = jnp.concatenate([v[:, 1:], jnp.zeros_like(v[:, :1])], axis=1)
+    delta_BxT = r + gamma * next_v - v
+
+    def step(next_adv_B, xs):
+        delta_B, m_B = xs
+        adv_B = jnp.where(m_B, delta_B + gamma * lam * next_adv_B, 0.0)
+        return adv_B, adv_B
+
+    _, adv_TxB = jax.lax.scan(
+        step, jnp.zeros_like(delta_BxT[:, 0]), (delta_BxT.T, m.T), reverse=True
+    )
+    adv_BxT = adv_TxB.T
+    returns_BxT = jnp.where(m, adv_BxT + v, 0.0)
+    return adv_BxT, returns_BxT
+
+
+# --------------------------------------------------------------------------
+# Losses and diagnostics.
+# --------------------------------------------------------------------------
+
+
+def policy_loss(
+    logp_new_BxT: Array,
+    logp_old_BxT: Array,
+    advantages_BxT: Array,
+    mask_BxT: Array,
+    cliprange: float | Array = 0.2,
+) -> tuple[Array, dict[str, Array]]:
+    """PPO clipped surrogate loss, averaged over all real tokens of the batch.
+
+    loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - c, 1 + c)),
+    ratio_t = exp(logp_new - logp_old).
+
+    Args:
+      logp_new_BxT: [B, T] log-probs under the policy being optimised.
+      logp_old_BxT: [B, T] log-probs recorded at rollout time.
+      advantages_BxT: [B, T] (usually whitened) advantages.
+      mask_BxT: [B, T] 0/1 response mask.
+      cliprange: c.
+
+    Returns:
+      (loss, stats): scalar loss; stats has
+        `clipfrac`: fraction of tokens where the clipped term is the larger
+          (i.e. the gradient is cut off),
+        `approx_kl`: 0.5 * mean((logp_new - logp_old)^2), as in TRL (a
+          second-order estimate of KL(old || new)),
+        `ratio_mean`: mean ratio.
+    """
+    m = jnp.asarray(mask_BxT).astype(bool)
+    log_ratio = jnp.where(m, _float(logp_new_BxT) - _float(logp_old_BxT), 0.0)
+    ratio = jnp.exp(log_ratio)
+    adv = jnp.where(m, _float(advantages_BxT), 0.0)
+    losses_unclipped = -adv * ratio
+    losses_clipped = -adv * jnp.clip(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(jnp.maximum(losses_unclipped, losses_clipped), m)
+    stats = {
+        "clipfrac": masked_mean(losses_clipped > losses_unclipped, m),
+        "approx_kl": 0.5 * masked_mean(jnp.square(log_ratio), m),
+        "ratio_mean": masked_mean(ratio, m),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values_new_BxT: Array,
+    values_old_BxT: Array,
+    returns_BxT: Array,
+    mask_BxT: Array,
+    cliprange_value: float | Array = 0.2,
+) -> tuple[Array, dict[str, Array]]:
+    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)).
+
+    Args:
+      values_new_BxT: [B, T] values from the critic being optimised.
+      values_old_BxT: [B, T] values recorded at rollout time.
+      returns_BxT: [B, T] GAE returns.
+      mask_BxT: [B, T] 0/1 response mask.
+      cliprange_value: c.
+
+    Returns:
+      (loss, stats): scalar loss; stats has `vf_clipfrac`, the fraction of
+      tokens where the clipped error is the larger.
+    """
+    m = jnp.asarray(mask_BxT).astype(bool)
+    v = jnp.where(m, _float(values_new_BxT), 0.0)
+    v_old = jnp.where(m, _float(values_old_BxT), 0.0)
+    ret = jnp.where(m, _float(returns_BxT), 0.0)
+    v_clipped = jnp.clip(v, v_old - cliprange_value, v_old + cliprange_value)
+    err_unclipped = jnp.square(v - ret)
+    err_clipped = jnp.square(v_clipped - ret)
+    loss = 0.5 * masked_mean(jnp.maximum(err_unclipped, err_clipped), m)
+    stats = {"vf_clipfrac": masked_mean(err_clipped > err_unclipped, m)}
+    return loss, stats
+
+
+def entropy_from_logits(logits_BxTxV: Array) -> Array:
+    """Per-token entropy of softmax(logits), in float32.
+
+    H = logsumexp(z) - sum softmax(z) * z, computed from log-softmax so large
+    logits do not overflow; entries with logit -inf (masked vocabulary)
+    contribute 0 instead of nan.
+
+    Args:
+      logits_BxTxV: [B, T, V] logits (any float dtype; apply the sampling
+        temperature before calling).
+
+    Returns:
+      [B, T] float32 entropies (unmasked; reduce with `masked_mean`).
+    """
+    z = jnp.asarray(logits_BxTxV).astype(jnp.float32)
+    logp = jax.nn.log_softmax(z, axis=-1)
+    p = jnp.exp(logp)
+    return -jnp.sum(jnp.where(p > 0, p * logp, 0.0), axis=-1)
+
+
+def explained_variance(values_BxT: Array, returns_BxT: Array, mask_BxT: Array) -> Array:
+    """1 - Var(returns - values) / Var(returns) over the masked tokens.
+
+    1 is a perfect critic, 0 no better than a constant, negative worse. nan when
+    the returns have zero variance (nothing to explain), as in cleanrl / TRL.
+
+    Args:
+      values_BxT: [B, T] predicted values.
+      returns_BxT: [B, T] targets.
+      mask_BxT: [B, T] 0/1 response mask.
+
+    Returns:
+      Scalar.
+    """
+    var_ret = masked_var(returns_BxT, mask_BxT, unbiased=False)
+    var_res = masked_var(_float(returns_BxT) - _float(values_BxT), mask_BxT, unbiased=False)
+    return jnp.where(var_ret > 0, 1.0 - var_res / jnp.where(var_ret > 0, var_ret, 1.0), jnp.nan)
+
+
+# --------------------------------------------------------------------------
+# KL coefficient control.
+# --------------------------------------------------------------------------
+
+
+def adaptive_kl_update(
+    beta: float | Array,
+    kl: float | Array,
+    n_steps: int | Array,
+    target: float = 6.0,
+    horizon: float = 10000.0,
+) -> Array:
+    """One step of Ziegler et al.'s proportional KL controller.
+
+    err = clip(kl / target - 1, -0.2, 0.2);  beta <- beta * (1 + err * n / horizon).
+
+    Args:
+      beta: current KL coefficient.
+      kl: observed KL, the batch mean of the per-sequence *summed* KL (nats).
+      n_steps: number of samples in the batch.
+      target: desired KL.
+      horizon: controller time constant, in samples.
+
+    Returns:
+      The new beta (scalar array).
+    """
+    err = jnp.clip(_float(kl) / target - 1.0, -0.2, 0.2)
+    return _float(beta) * (1.0 + err * n_steps / horizon)
+
+
+@dataclasses.dataclass(frozen=True)
+class KLController:
+    """Static KL-coefficient controller config; `update` is a pure function.
+
+    `target=None` gives a fixed coefficient; a number makes it adaptive
+    (Ziegler et al.). Frozen and hashable, so it can be a static argument of a
+    jitted step; the current beta lives in the training state, not here.
+
+    Attributes:
+      init_beta: starting coefficient (OpenAI 0.15; TRL fixed 0.05).
+      target: desired sequence-summed KL in nats, or None for a fixed beta.
+      horizon: adaptive controller time constant, in samples.
+    """
+
+    init_beta: float = 0.15
+    target: float | None = None
+    horizon: float = 10000.0
+
+    def __post_init__(self):
+        if not self.init_beta >= 0:
+            raise ValueError(f"KLController.init_beta must be >= 0, got {self.init_beta}")
+        if self.target is not None and not self.target > 0:
+            raise ValueError(f"KLController.target must be > 0 or None, got {self.target}")
+        if not self.horizon > 0:
+            raise ValueError(f"KLController.horizon must be > 0, got {self.horizon}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.target is not None
+
+    def update(self, beta: float | Array, kl: float | Array, n_steps: int | Array) -> Array:
+        """New beta after a batch of `n_steps` samples with mean summed KL `kl`."""
+        if self.target is None:
+            return _float(beta)
+        return adaptive_kl_update(beta, kl, n_steps, self.target, self.horizon)
