@@ -59,8 +59,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
 
 
 def mesh_from_config(cfg) -> Mesh:
-    """Mesh from a config with fields `data`, `fsdp`, `tensor` (e.g. `config.mesh`)."""
-    return make_mesh(int(cfg.data), int(cfg.fsdp), int(cfg.tensor))
+    """Mesh from a config with fields `data`, `fsdp`, `tensor` and optionally `num_devices`
+    (0 = every device; n = the first n, e.g. a single-device baseline)."""
+    n = int(cfg.get("num_devices", 0) or 0)
+    devices = jax.devices()
+    if n:
+        if n > len(devices):
+            raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices exist")
+        devices = devices[:n]
+    return make_mesh(int(cfg.data), int(cfg.fsdp), int(cfg.tensor), devices=devices)
 
 
 def rules_from_config(rules: Iterable | None) -> dict:

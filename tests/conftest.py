@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax logs every file it writes at INFO
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

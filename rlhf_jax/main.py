@@ -1,0 +1,37 @@
+"""Command line: `python -m rlhf_jax.main --config configs/X.py[:variant] --workdir DIR`.
+
+Any config field can be overridden: `--config.optimizer.lr=1e-5 --config.train.num_steps=100`.
+Re-running with the same workdir resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from absl import logging
+
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
+    cfg = _CONFIG.value
+    stage = cfg.stage
+    if stage in ("sft", "rm"):
+        from rlhf_jax.train.loop import run
+
+        summary = run(cfg, _WORKDIR.value)
+    else:
+        raise ValueError(f"config stage={stage!r} is not one of 'sft', 'rm'")
+    keys = sorted(k for k in summary if k.startswith(("eval/", "train/loss", "rm/")))
+    for k in keys:
+        print(f"{k:32s} {summary[k]}")
+
+
+if __name__ == "__main__":
+    app.run(main)

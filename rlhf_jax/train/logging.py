@@ -1,0 +1,71 @@
+"""Metric writers: metrics.jsonl (one JSON object per logged step), TensorBoard, summary.json.
+
+Only process 0 writes. Files are appended, so a resumed run continues the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+
+def _plain(v):
+    v = np.asarray(v)
+    if v.size == 1:
+        f = float(v.reshape(()))
+        return f if math.isfinite(f) else str(f)
+    return v.tolist()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Writes JSON through a temp file + rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+class MetricWriter:
+    def __init__(self, workdir: Path, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.tb = None
+        if self.enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> dict:
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for k, v in row.items():
+                    if k != "step" and isinstance(v, float):
+                        self.tb.add_scalar(k, v, step)
+        return row
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    path = Path(workdir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def drop_metrics_after(workdir: str | os.PathLike, step: int) -> None:
+    """Keeps only metrics.jsonl rows up to `step` (a resumed run logs the later steps again)."""
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
