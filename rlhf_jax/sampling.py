@@ -1,0 +1,342 @@
+"""Batched generation compiled as one XLA program: prefill, then a `while_loop` of decode steps.
+
+Shape suffixes: B batch, P prompt length, N new tokens (`max_new_tokens`), S key/value slots,
+V vocabulary.
+
+`generate` is a pure function of the model's parameters (plain `{dotted name: array}` dicts
+from `ModelDef.split`), the prompts and a PRNG key; every setting that changes the program
+(lengths, temperature, top-k/top-p, stop ids, pad id) is a field of the frozen, hashable
+`SamplingConfig`, so jitting never closes over an array and a new config means a new
+compilation, not a silent retrace with baked-in constants.
+
+The program:
+  1. prefill: the left-padded prompts [B, P] are written into a KV cache of P + N - 1 slots
+     (the last sampled token is never fed back) and the first token is sampled from the
+     logits at each row's last real prompt token;
+  2. decode: a `lax.while_loop` feeds the previous token of every row, samples the next one
+     and stops as soon as every row has produced a stop token (or N tokens are out), so a
+     batch of short answers does not pay for the maximum length.
+
+Rows that have stopped keep running inside the batch (XLA shapes are static) but are fed a
+masked pad token, so their cache and positions do not move; their outputs after the stop
+token are `pad_token_id`, log-prob 0 and mask 0.
+
+Log-probs: `Samples.logprobs` is log softmax(logits / T) at the sampled token, *before* top-k
+and top-p truncation. That is the quantity PPO recomputes from a full forward pass of the
+policy (divide the logits by the same T), so the ratio of new to old log-probs is exactly 1
+before the first update; the truncated distribution that the token was actually drawn from
+would not match any recomputation. With T = 0 (greedy) the log-prob is under softmax(logits),
+i.e. T is taken as 1 for scoring.
+
+Randomness: every call needs a fresh key (reusing one key for every rollout makes every PPO
+batch sample the same noise). Derive it with `rollout_key(base_key, step)`; inside the program
+the key of decode step t is `fold_in(key, t)`. Random bits are drawn with JAX's partitionable
+threefry, so the same key gives the same tokens however the batch is sharded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.models.transformer import KVCache, last_index
+from rlhf_jax.params import ModelDef
+
+Params = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static settings of one generation program (hashable: a jit static argument).
+
+    Attributes:
+      max_new_tokens: N, the most tokens generated per row (>= 1).
+      temperature: T; 0 means greedy (argmax), > 0 samples from softmax(logits / T).
+      top_k: keep only the k most likely tokens (0 = off). Ties with the k-th logit are kept.
+      top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
+        (after temperature and top-k) reaches top_p (1.0 = off). The most likely token is
+        always kept.
+      stop_token_ids: ids that end a row (EOS, a truncate token, ...); the stop token itself
+        is part of the response (mask 1). Empty: every row runs to max_new_tokens.
+      pad_token_id: written after a row's stop token.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        # Lists from a YAML/JSON config are turned into tuples so the config stays hashable.
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+        if int(self.max_new_tokens) < 1:
+            raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"SamplingConfig.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if int(self.top_k) < 0:
+            raise ValueError(f"SamplingConfig.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"SamplingConfig.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if any(i < 0 for i in self.stop_token_ids):
+            raise ValueError(f"SamplingConfig.stop_token_ids must be non-negative, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@flax.struct.dataclass
+class Samples:
+    """What `generate` returns (a pytree; every per-row field is sharded like the batch).
+
+    Attributes:
+      tokens: int32 [B, N] generated ids; `pad_token_id` after a row's stop token.
+      logprobs: float32 [B, N] log softmax(logits / T) of each sampled token, without top-k /
+        top-p truncation (see the module docstring); 0 where `mask` is 0.
+      mask: int32 [B, N] 1 on generated tokens up to and including the stop token.
+      lengths: int32 [B] number of generated tokens (= mask.sum(-1)).
+      stopped: bool [B] whether the row produced a stop token (False: it hit max_new_tokens).
+      num_steps: int32 [] tokens sampled per row before the loop exited (N, or fewer when
+        every row stopped early); a diagnostic of the early exit.
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    mask: jax.Array
+    lengths: jax.Array
+    stopped: jax.Array
+    num_steps: jax.Array
+
+
+def rollout_key(base_key: jax.Array | int, step: int | jax.Array) -> jax.Array:
+    """The key for the rollout of training step `step`: fold_in(base_key, step).
+
+    Pass a different `step` on every call of `generate` (a run's step counter); the same
+    (base_key, step) reproduces the same samples.
+    """
+    if isinstance(base_key, int):
+        base_key = jax.random.key(base_key)
+    return jax.random.fold_in(base_key, step)
+
+
+def filter_logits(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
+    """Temperature-scaled logits with everything outside top-k / the nucleus set to -inf.
+
+    Order as in Hugging Face's warpers: temperature, then top-k, then top-p on the
+    distribution renormalised over the top k. Requires temperature > 0.
+    """
+    scaled_BV = logits_BV.astype(jnp.float32) / config.temperature
+    v = scaled_BV.shape[-1]
+    k = min(int(config.top_k), v) if config.top_k else 0
+    if not k and config.top_p >= 1.0:
+        return scaled_BV
+    # Candidates sorted high to low: top-k needs only k of them (cheaper than a full sort
+    # of a large vocabulary); top-p alone needs them all.
+    sorted_BC = jax.lax.top_k(scaled_BV, k or v)[0]
+    if config.top_p < 1.0:
+        probs_BC = jax.nn.softmax(sorted_BC, axis=-1)
+        # Keep candidate c while the mass strictly before it is < top_p: the smallest prefix
+        # reaching top_p, never empty.
+        before_BC = jnp.cumsum(probs_BC, axis=-1) - probs_BC
+        keep_B = jnp.maximum(jnp.sum(before_BC < config.top_p, axis=-1), 1)
+        threshold_B = jnp.take_along_axis(sorted_BC, keep_B[:, None] - 1, axis=-1)[:, 0]
+    else:
+        threshold_B = sorted_BC[:, -1]
+    return jnp.where(scaled_BV >= threshold_B[:, None], scaled_BV, -jnp.inf)
+
+
+def sample_token(logits_BV: jax.Array, key: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """One token per row from next-token logits [B, V] (float32).
+
+    Returns (tokens int32 [B], logprobs float32 [B]); the log-prob is under the untruncated
+    softmax(logits / T) (softmax(logits) when greedy).
+    """
+    logits_BV = logits_BV.astype(jnp.float32)
+    if config.greedy:
+        tokens_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    else:
+        tokens_B = jax.random.categorical(key, filter_logits(logits_BV, config), axis=-1).astype(jnp.int32)
+        logp_BV = jax.nn.log_softmax(logits_BV / config.temperature, axis=-1)
+    return tokens_B, jnp.take_along_axis(logp_BV, tokens_B[:, None], axis=-1)[:, 0]
+
+
+def _merge_params(params: Params | Sequence[Params]) -> dict:
+    if isinstance(params, Mapping):
+        return dict(params)
+    merged: dict = {}
+    for part in params:
+        merged.update(part)
+    return merged
+
+
+def _cache_sharding(mesh: Mesh, rules: Mapping | None, num_kv_heads: int) -> NamedSharding:
+    """[B, S, K, E] cache arrays: batch over the batch axes, kv heads over the tensor axis when
+    they divide (so attention stays local to the shard that computed q/k/v)."""
+    rules = sharding_lib.rules_from_config(rules)
+    kv_axes = rules.get("kv_heads")
+    flat = (kv_axes,) if isinstance(kv_axes, str) else tuple(kv_axes or ())
+    if flat and num_kv_heads % int(np.prod([mesh.shape[a] for a in flat])):
+        kv_axes = None
+    return NamedSharding(mesh, P(rules["batch"], None, kv_axes, None))
+
+
+def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_BP: jax.Array,
+             prompt_mask_BP: jax.Array, key: jax.Array, *, config: SamplingConfig,
+             mesh: Mesh | None = None, rules: Mapping | None = None) -> Samples:
+    """Samples up to `config.max_new_tokens` tokens per prompt. Pure; jit it (or use `make_generate`).
+
+    Args:
+      model_def: the static model definition (`ModelDef.split(model)[0]`); hashable, so it
+        may be a static argument.
+      params: `{dotted name: array}`, or a sequence of such dicts whose union names every
+        variable (e.g. the trainable and frozen parts from `ModelDef.split`).
+      prompt_ids_BP: int [B, P] prompts, left-padded (right padding also works: new tokens
+        are positioned after each row's real tokens); every row needs >= 1 real token.
+      prompt_mask_BP: int/bool [B, P], 1 on real prompt tokens.
+      key: a PRNG key, fresh for every call (`rollout_key`); unused when greedy.
+      config: the static `SamplingConfig`.
+      mesh, rules: when given, the KV cache is constrained to be sharded like the batch (and
+        kv heads over the tensor axis), instead of leaving its layout to the compiler.
+
+    Returns:
+      `Samples` with [B, N] tokens/logprobs/mask and [B] lengths/stopped.
+    """
+    model = model_def.merge(_merge_params(params))
+    cfg = model.cfg
+    ids_BP = jnp.asarray(prompt_ids_BP, jnp.int32)
+    mask_BP = jnp.asarray(prompt_mask_BP).astype(jnp.int32)
+    b, p = ids_BP.shape
+    n = int(config.max_new_tokens)
+    pad = jnp.int32(config.pad_token_id)
+    stop_ids = jnp.asarray(config.stop_token_ids, jnp.int32)
+
+    def is_stop(tokens_B):
+        if not config.stop_token_ids:
+            return jnp.zeros(tokens_B.shape, bool)
+        return jnp.any(tokens_B[:, None] == stop_ids[None, :], axis=-1)
+
+    def constrain(cache: KVCache) -> KVCache:
+        if mesh is None:
+            return cache
+        kv = _cache_sharding(mesh, rules, cfg.num_kv_heads)
+        rows = NamedSharding(mesh, P(sharding_lib.rules_from_config(rules)["batch"]))
+        c = jax.lax.with_sharding_constraint
+        return cache.replace(k=tuple(c(x, kv) for x in cache.k), v=tuple(c(x, kv) for x in cache.v),
+                             mask_BS=c(cache.mask_BS, rows), lengths_B=c(cache.lengths_B, rows))
+
+    # ---- prefill: the whole prompt in one pass; only the last real position needs logits,
+    # so the [B, P, V] logits of every prompt position are never built.
+    cache = constrain(KVCache.create(cfg, b, p + n - 1))
+    h_BPD, cache = model.hidden(ids_BP, mask_BP, cache=cache)
+    h_B1D = jnp.take_along_axis(h_BPD, last_index(mask_BP)[:, None, None], axis=1)
+    tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], jax.random.fold_in(key, 0), config)
+
+    stopped_B = is_stop(tok_B)
+    tokens_BN = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok_B)
+    logprobs_BN = jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B)
+    gen_mask_BN = jnp.zeros((b, n), jnp.int32).at[:, 0].set(1)
+
+    # ---- decode: step t feeds token t-1 and samples token t.
+    def cond(state):
+        t, _, _, _, _, stopped_B = state
+        return (t < n) & ~jnp.all(stopped_B)
+
+    def body(state):
+        t, cache, tokens_BN, logprobs_BN, gen_mask_BN, stopped_B = state
+        prev_B1 = jax.lax.dynamic_slice_in_dim(tokens_BN, t - 1, 1, axis=1)
+        # A row that stopped before token t-1 feeds a masked pad: its cache slots stay empty
+        # and its positions do not advance. (The stop token itself is fed unmasked; harmless.)
+        prev_mask_B1 = jax.lax.dynamic_slice_in_dim(gen_mask_BN, t - 1, 1, axis=1)
+        h_B1D, cache = model.hidden(prev_B1, prev_mask_B1, cache=cache)
+        tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], jax.random.fold_in(key, t), config)
+        live_B = ~stopped_B
+        tok_B = jnp.where(live_B, tok_B, pad)
+        logp_B = jnp.where(live_B, logp_B, 0.0)
+        tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, tok_B[:, None], t, axis=1)
+        logprobs_BN = jax.lax.dynamic_update_slice_in_dim(logprobs_BN, logp_B[:, None], t, axis=1)
+        gen_mask_BN = jax.lax.dynamic_update_slice_in_dim(gen_mask_BN, live_B.astype(jnp.int32)[:, None], t,
+                                                          axis=1)
+        stopped_B = stopped_B | (live_B & is_stop(tok_B))
+        return t + 1, constrain(cache), tokens_BN, logprobs_BN, gen_mask_BN, stopped_B
+
+    state = (jnp.int32(1), cache, tokens_BN, logprobs_BN, gen_mask_BN, stopped_B)
+    steps, _, tokens_BN, logprobs_BN, gen_mask_BN, stopped_B = jax.lax.while_loop(cond, body, state)
+    return Samples(tokens=tokens_BN, logprobs=logprobs_BN, mask=gen_mask_BN, lengths=gen_mask_BN.sum(-1),
+                   stopped=stopped_B, num_steps=steps)
+
+
+def param_shardings(model_def: ModelDef, mesh: Mesh, rules: Mapping | None = None) -> dict[str, NamedSharding]:
+    """{dotted name: NamedSharding} of every variable of the model, from its logical axes and
+    the rules: the layout `sharding.create_sharded` gives the parameters."""
+    from flax import nnx
+
+    state = nnx.from_flat_state(list(model_def.variables))
+    shardings = sharding_lib.state_shardings(state, mesh, rules)
+    return {".".join(map(str, path)): s for path, s in nnx.to_flat_state(shardings)}
+
+
+def make_generate(model_def: ModelDef, mesh: Mesh, config: SamplingConfig, *,
+                  rules: Mapping | None = None) -> Callable[..., Samples]:
+    """A jitted `generate` with explicit in/out shardings on `mesh`.
+
+    Returns `fn(params, prompt_ids_BP, prompt_mask_BP, key) -> Samples`, where `params` is a
+    `{dotted name: array}` dict or a sequence of dicts whose union names every variable.
+    Parameters are expected sharded as `sharding.create_sharded` makes them (others are moved
+    there first: a no-op when already in place); prompts are sharded over the batch axes, so
+    B must be a multiple of their size. `fn.jitted` is the underlying `jax.jit` function
+    (taking one merged params dict), e.g. for `.lower(...)`.
+    """
+    names = model_def.names
+    p_shardings = param_shardings(model_def, mesh, rules)
+    batch_2d = sharding_lib.batch_sharding(mesh, 2, rules)
+    batch_1d = sharding_lib.batch_sharding(mesh, 1, rules)
+    replicated = NamedSharding(mesh, P())
+    out_shardings = Samples(tokens=batch_2d, logprobs=batch_2d, mask=batch_2d, lengths=batch_1d,
+                            stopped=batch_1d, num_steps=replicated)
+    batch_axes = batch_2d.spec[0]
+    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
+    batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+
+    def pure(params, prompt_ids_BP, prompt_mask_BP, key):
+        return generate(model_def, params, prompt_ids_BP, prompt_mask_BP, key, config=config, mesh=mesh,
+                        rules=rules)
+
+    jitted = jax.jit(pure, in_shardings=(p_shardings, batch_2d, batch_2d, replicated),
+                     out_shardings=out_shardings)
+
+    def fn(params: Params | Sequence[Params], prompt_ids_BP, prompt_mask_BP, key) -> Samples:
+        merged = _merge_params(params)
+        missing = sorted(set(names) - set(merged))
+        extra = sorted(set(merged) - set(names))
+        if missing or extra:
+            raise ValueError(f"generate: params do not match the model: missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}")
+        merged = {name: merged[name] for name in names}
+        if np.ndim(prompt_ids_BP) != 2 or np.shape(prompt_ids_BP) != np.shape(prompt_mask_BP):
+            raise ValueError(f"generate: prompt_ids {np.shape(prompt_ids_BP)} and prompt_mask "
+                             f"{np.shape(prompt_mask_BP)} must both be [batch, prompt_len]")
+        b = np.shape(prompt_ids_BP)[0]
+        if b % batch_shards:
+            raise ValueError(f"generate: batch size {b} is not divisible by the {batch_shards} shards of the "
+                             f"batch axes {batch_axes} of the mesh")
+        if isinstance(prompt_mask_BP, np.ndarray):  # cheap check on host inputs only (no device sync)
+            empty = np.flatnonzero(prompt_mask_BP.sum(-1) == 0)
+            if empty.size:
+                raise ValueError(f"generate: prompt rows {empty[:5].tolist()} have no real token (all padding)")
+        # device_put is a no-op for arrays already laid out as required, and moves the others
+        # (host arrays, a model sharded for training on another layout).
+        merged = jax.device_put(merged, p_shardings)
+        return jitted(merged, prompt_ids_BP, prompt_mask_BP, key)
+
+    fn.jitted = jitted
+    return fn
