@@ -53,3 +53,54 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0,
                                                    coordinator_address="localhost:12355"))
     return c
+
+
+def ppo_config() -> ml_collections.ConfigDict:
+    """PPO defaults: the values of lm-human-preferences / the N-implementation-details
+    reproductions unless a comment says otherwise (see docs/PPO.md)."""
+    c = base_config()
+    c.stage = "ppo"
+    c.model.init = "pretrained"  # the SFT policy: an earlier stage's workdir/model
+    c.data.format = "auto"  # prompt-only data
+    c.data.max_prompt_length = 64
+    c.data.max_length = 128  # PPO-ptx SFT examples
+    c.reward = ml_collections.ConfigDict(dict(
+        rm_path="",  # an RM stage's workdir/model ('' = reward functions only)
+        rm_tokenizer="",  # '' = the policy's tokens are scored directly; else decode + re-encode
+        rm_max_length=256,
+        rm_weight=1.0,
+        functions=(),  # 'package.module:function' reward functions on decoded text
+        function_weights=(),
+    ))
+    c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0,
+                                                extra_stop_token_ids=()))
+    c.ppo = ml_collections.ConfigDict(dict(
+        num_updates=100,  # PPO iterations (rollout + optimisation)
+        batch_size=64,  # rollouts per iteration (global)
+        ppo_epochs=4,
+        num_minibatches=1,
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        gamma=1.0,
+        lam=0.95,
+        kl_estimator="k1",  # 'k1' (OpenAI, TRL) or 'k3'; both are logged
+        init_beta=0.15,
+        kl_target=6.0,  # adaptive controller target (nats per sequence); 0 = fixed beta
+        kl_horizon=10000.0,
+        whiten_rewards=False,  # OpenAI on, TRL off
+        penalize_missing_eos=True,
+        missing_eos_penalty=-1.0,  # score of a response that never stops
+        critic="shared",  # 'shared' value head on the policy trunk, or 'separate' (init from the RM)
+        ptx_coef=0.0,  # PPO-ptx: gamma of the SFT loss mixed into every step
+        ptx_data="",
+        ptx_batch_size=8,
+        sample_every=10,
+        num_samples_shown=4,
+    ))
+    c.optimizer.lr = 1e-5
+    c.optimizer.eps = 1e-5
+    c.optimizer.max_grad_norm = 1.0
+    c.optimizer.decay = "linear"
+    c.train.checkpoint_every = 20
+    return c

@@ -26,9 +26,13 @@ def main(argv):
         from rlhf_jax.train.loop import run
 
         summary = run(cfg, _WORKDIR.value)
+    elif stage == "ppo":
+        from rlhf_jax.ppo.trainer import run_ppo
+
+        summary = run_ppo(cfg, _WORKDIR.value)
     else:
-        raise ValueError(f"config stage={stage!r} is not one of 'sft', 'rm'")
-    keys = sorted(k for k in summary if k.startswith(("eval/", "train/loss", "rm/")))
+        raise ValueError(f"config stage={stage!r} is not one of 'sft', 'rm', 'ppo'")
+    keys = sorted(k for k in summary if k.startswith(("eval/", "train/loss", "rm/", "ppo/score", "ppo/kl")))
     for k in keys:
         print(f"{k:32s} {summary[k]}")
 

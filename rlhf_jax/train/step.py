@@ -29,17 +29,23 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def init_state(params: dict, frozen: dict, tx: optax.GradientTransformation, mesh) -> TrainState:
-    """Optimizer state is created by a jitted init, so it is sharded like the parameters;
-    the step counter is replicated over the mesh."""
+def init_opt_state(tx: optax.GradientTransformation, params, mesh) -> optax.OptState:
+    """Optimizer state from a jitted init: moments sharded like their parameters, the rest
+    (Adam's count) replicated over the mesh."""
     replicated = NamedSharding(mesh, P())
-    # Moments are sharded like their parameters; the rest (Adam's count) is replicated.
     param_shardings = jax.tree.map(lambda x: x.sharding, params)
     shardings = optax.tree_map_params(tx, lambda _, sh: sh, jax.eval_shape(tx.init, params), param_shardings,
                                       transform_non_params=lambda _: replicated)
-    opt_state = jax.jit(tx.init, out_shardings=shardings)(params)
-    step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
-    return TrainState(step=step, params=params, frozen=frozen, opt_state=opt_state)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def replicated_scalar(value, dtype, mesh) -> jax.Array:
+    return jax.device_put(jnp.asarray(value, dtype), NamedSharding(mesh, P()))
+
+
+def init_state(params: dict, frozen: dict, tx: optax.GradientTransformation, mesh) -> TrainState:
+    return TrainState(step=replicated_scalar(0, jnp.int32, mesh), params=params, frozen=frozen,
+                      opt_state=init_opt_state(tx, params, mesh))
 
 
 def _accumulate(model_def: ModelDef, loss_fn: LossFn, state: TrainState, batch: dict, with_grad: bool):

@@ -1,0 +1,214 @@
+"""The PPO update as pure functions of the policy, reference, reward and value parameters.
+
+Shape suffixes: B rollout batch, Q query (prompt) length, R response length (the sampler's
+max_new_tokens), V vocabulary, M minibatches, E epochs.
+
+One PPO iteration is:
+  1. `generate` (rlhf_jax.sampling) samples responses from the policy;
+  2. `score_rollout` runs the policy, the reference and the RM once over prompt+response:
+     old log-probs and values, reference log-probs (logits divided by the sampling
+     temperature, or the KL grows far too fast), and the RM score at the last real token;
+  3. `ppo_update` turns scores into per-token KL-penalised rewards, advantages by GAE (a
+     reverse scan), whitened over the whole global batch, then runs E epochs × M minibatches
+     with a fresh shuffle each epoch — all inside one jitted program — and moves the KL
+     coefficient with the adaptive controller.
+Every array the programs read (reference, RM, critic parameters, β, the key) is an argument,
+never a closed-over constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from rlhf_jax.models import Transformer, gather_last
+from rlhf_jax.params import ModelDef
+from rlhf_jax.ppo import core
+from rlhf_jax.sft import sft_loss, token_logprobs
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOHyperparams:
+    """Static hyperparameters of the update (hashable, part of the compiled program)."""
+
+    temperature: float = 0.7
+    ppo_epochs: int = 4
+    num_minibatches: int = 1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_estimator: str = "k1"
+    whiten_rewards: bool = False
+    kl_target: float | None = None  # None: fixed β
+    kl_horizon: float = 10000.0
+    ptx_coef: float = 0.0
+    critic: str = "shared"  # "shared": value head on the policy trunk; "separate": own model
+
+    def __post_init__(self):
+        if self.kl_estimator not in core.KL_ESTIMATORS:
+            raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r} is not one of {sorted(core.KL_ESTIMATORS)}")
+        if self.critic not in ("shared", "separate"):
+            raise ValueError(f"ppo.critic={self.critic!r} is not one of 'shared', 'separate'")
+        if self.temperature <= 0:
+            raise ValueError(f"sampling.temperature={self.temperature} must be > 0 for PPO (log-probs need T)")
+
+
+@flax.struct.dataclass
+class PPOState:
+    step: jax.Array  # int32 [], PPO iterations done
+    params: dict  # {"policy": {...}, "critic": {...}} trainable
+    frozen: dict  # {"policy": {...}, "critic": {...}} the rest of each model
+    opt_state: optax.OptState
+    beta: jax.Array  # float32 [] KL coefficient
+    key: jax.Array  # PRNG key; folded with the step for every random draw
+
+
+@flax.struct.dataclass
+class Rollout:
+    """A scored batch of samples (all [B, ...], sharded over the batch axes)."""
+
+    query_ids: jax.Array  # int32 [B, Q]
+    query_mask: jax.Array  # int32 [B, Q]
+    response_ids: jax.Array  # int32 [B, R]
+    response_mask: jax.Array  # int32 [B, R]: 1 up to and including the stop token
+    logprobs: jax.Array  # float32 [B, R] policy, at sampling temperature
+    ref_logprobs: jax.Array  # float32 [B, R]
+    values: jax.Array  # float32 [B, R]
+    scores: jax.Array  # float32 [B] environment score (RM + reward functions + penalty)
+
+
+def _full(query_ids, query_mask, response_ids, response_mask):
+    return (jnp.concatenate([query_ids, response_ids], 1),
+            jnp.concatenate([query_mask, response_mask], 1).astype(jnp.int32))
+
+
+def response_logprobs_and_hidden(model: Transformer, ids_BT, mask_BT, q: int, temperature: float):
+    """Log-probs [B, R] of the response tokens (logits / T) and the hidden states that predict
+    them [B, R, D], plus the logits [B, R, V] (for the entropy)."""
+    h_BTD, _ = model.hidden(ids_BT, mask_BT)
+    h_BRD = h_BTD[:, q - 1:-1]  # position t predicts token t + 1
+    logits_BRV = model.logits(h_BRD) / temperature
+    return token_logprobs(logits_BRV, ids_BT[:, q:]), h_BRD, logits_BRV
+
+
+def _values(policy: Transformer, critic: Transformer | None, h_BRD, ids_BT, mask_BT, q: int):
+    if critic is None:
+        return policy.values(h_BRD)
+    hc_BTD, _ = critic.hidden(ids_BT, mask_BT)
+    return critic.values(hc_BTD[:, q - 1:-1])
+
+
+def _models(defs, params, frozen):
+    policy = defs["policy"].merge(params["policy"], frozen["policy"])
+    critic = defs["critic"].merge(params["critic"], frozen["critic"]) if "critic" in defs else None
+    return policy, critic
+
+
+def score_rollout(defs: dict, ref_def: ModelDef, rm_def: ModelDef | None, hp: PPOHyperparams, state: PPOState,
+                  ref_params: dict, rm_params: dict | None, query_ids, query_mask, response_ids, response_mask):
+    """Old log-probs, values, reference log-probs and RM scores of a sampled batch.
+
+    Returns (logprobs [B, R], ref_logprobs [B, R], values [B, R], rm_scores [B] or zeros)."""
+    q = query_ids.shape[1]
+    ids_BT, mask_BT = _full(query_ids, query_mask, response_ids, response_mask)
+    policy, critic = _models(defs, state.params, state.frozen)
+    logp, h, _ = response_logprobs_and_hidden(policy, ids_BT, mask_BT, q, hp.temperature)
+    values = _values(policy, critic, h, ids_BT, mask_BT, q)
+    ref = ref_def.merge(ref_params)
+    ref_logp, _, _ = response_logprobs_and_hidden(ref, ids_BT, mask_BT, q, hp.temperature)
+    if rm_def is not None:
+        rm = rm_def.merge(rm_params)
+        h_rm, _ = rm.hidden(ids_BT, mask_BT)
+        # The last real token of prompt+response is the stop token (or the last one sampled).
+        rm_scores = rm.reward_gain[...] * gather_last(rm.raw_rewards(h_rm), mask_BT) + rm.reward_bias[...]
+    else:
+        rm_scores = jnp.zeros(ids_BT.shape[0], jnp.float32)
+    mask = response_mask.astype(jnp.float32)
+    return logp * mask, ref_logp * mask, values * mask, rm_scores
+
+
+def ppo_update(defs: dict, hp: PPOHyperparams, tx: optax.GradientTransformation, state: PPOState,
+               rollout: Rollout, ptx_batch: dict | None = None):
+    """Rewards, GAE, then E epochs × M minibatches of clipped PPO; returns (state, metrics).
+
+    `ptx_batch` (PPO-ptx): an SFT batch shaped [E·M, b, T]; minibatch step i adds
+    `ptx_coef × NLL` of slice i, mixing pretraining gradients into every PPO step.
+    """
+    b = rollout.scores.shape[0]
+    m = hp.num_minibatches
+    mask = rollout.response_mask.astype(jnp.float32)
+    q = rollout.query_ids.shape[1]
+
+    penalised = core.compute_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, state.beta,
+                                     kl_estimator=hp.kl_estimator)
+    rewards = penalised.rewards
+    if hp.whiten_rewards:
+        rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = core.gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
+    advantages = core.masked_whiten(advantages, mask)  # over the whole global batch
+
+    ids_BT, mask_BT = _full(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
+    data = dict(ids=ids_BT, attn=mask_BT, mask=mask, logp=rollout.logprobs, values=rollout.values,
+                adv=advantages, ret=returns)
+
+    def loss_fn(params, mb, ptx):
+        policy, critic = _models(defs, params, state.frozen)
+        logp, h, logits = response_logprobs_and_hidden(policy, mb["ids"], mb["attn"], q, hp.temperature)
+        values = _values(policy, critic, h, mb["ids"], mb["attn"], q)
+        pg_loss, pg_stats = core.policy_loss(logp, mb["logp"], mb["adv"], mb["mask"], cliprange=hp.cliprange)
+        vf_loss, vf_stats = core.value_loss(values, mb["values"], mb["ret"], mb["mask"],
+                                            cliprange_value=hp.cliprange_value)
+        loss = pg_loss + hp.vf_coef * vf_loss
+        stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy":
+                 core.masked_mean(core.entropy_from_logits(logits), mb["mask"]), **pg_stats, **vf_stats}
+        if ptx is not None:
+            nll_sum, n_tok, _ = sft_loss(policy, ptx)
+            ptx_loss = nll_sum / jnp.maximum(n_tok, 1.0)
+            loss = loss + hp.ptx_coef * ptx_loss
+            stats["ptx_loss"] = ptx_loss
+        return loss, stats
+
+    def minibatch(carry, inputs):
+        params, opt_state = carry
+        idx, ptx = inputs
+        mb = jax.tree.map(lambda x: jnp.take(x, idx, axis=0), data)
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, ptx)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        stats["grad_norm"] = optax.global_norm(grads)
+        return (optax.apply_updates(params, updates), opt_state), stats
+
+    # A fresh shuffle for every epoch, from a key folded with the iteration number.
+    epoch_keys = jax.random.split(jax.random.fold_in(state.key, state.step), hp.ppo_epochs)
+    perms = jax.vmap(lambda k: jax.random.permutation(k, b))(epoch_keys).reshape(hp.ppo_epochs * m, b // m)
+    (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state), (perms, ptx_batch))
+
+    seq_kl_k1 = (penalised.kl_k1 * mask).sum(-1)
+    seq_kl_k3 = (penalised.kl_k3 * mask).sum(-1)
+    mean_kl = (penalised.kl * mask).sum(-1).mean()
+    beta = state.beta
+    if hp.kl_target is not None:
+        beta = core.adaptive_kl_update(beta, mean_kl, b, target=hp.kl_target, horizon=hp.kl_horizon)
+    non_score = (-state.beta * penalised.kl * mask).sum(-1)
+    metrics = {k: v.mean() for k, v in stats.items()}
+    metrics["approx_kl_last_epoch"] = stats["approx_kl"][-m:].mean()
+    metrics["clipfrac_last_epoch"] = stats["clipfrac"][-m:].mean()
+    metrics.update({
+        "score": rollout.scores.mean(),
+        "kl": mean_kl,
+        "kl_k1": seq_kl_k1.mean(),
+        "kl_k3": seq_kl_k3.mean(),
+        "beta": state.beta,
+        "non_score_reward": non_score.mean(),
+        "total_reward": (non_score + rollout.scores).mean(),
+        "explained_variance": core.explained_variance(rollout.values, returns, mask),
+        "returns_mean": core.masked_mean(returns, mask),
+        "response_length": mask.sum(-1).mean(),
+    })
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, beta=beta)
+    return new_state, metrics
