@@ -40,12 +40,7 @@ def tiny_ppo_config(prompts, **changes):
     c.train.progress_bar = False
     c.train.checkpoint_every = 0
     c.mesh.num_devices = 1
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 

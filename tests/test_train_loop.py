@@ -58,12 +58,7 @@ def tiny_config(stage, data_path, **changes):
     c.rm.max_responses = 8
     c.rm.max_pairs = 4
     c.mesh.num_devices = 1
-    for key, value in changes.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    c.update_from_flattened_dict(changes)
     return c
 
 

@@ -269,36 +269,38 @@ def run(cfg, workdir: str | Path) -> dict:
 
     last: dict[str, Any] = {}
     pending = None  # metrics are read back one step late, so dispatch stays asynchronous
-    t0, tokens_since = time.perf_counter(), 0
+    cum_tokens = {start: 0}  # tokens dispatched up to each step
+    last_read = [start, time.perf_counter()]  # the last step whose metrics were read, and when
 
-    def flush(step_done: int, metrics, tokens: int, dt: float):
-        row = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}
-        row["train/tokens_per_second"] = tokens / max(dt, 1e-9)
+    def flush(step_done: int, metrics):
+        row = {f"train/{k}": v for k, v in jax.device_get(metrics).items()}  # waits for that step
+        now = time.perf_counter()
+        row["train/tokens_per_second"] = ((cum_tokens[step_done] - cum_tokens[last_read[0]])
+                                          / max(now - last_read[1], 1e-9))
+        last_read[:] = [step_done, now]
         last.update(writer.write(step_done, row))
         if bar is not None:
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_second']:.0f}")
 
     for step in range(start, num_steps):
         batch = _stack([next(it) for _ in range(accum)])
-        tokens_since += int(batch["attention_mask"].sum()) * jax.process_count()
-        r.state, metrics = train_step(r.state, dict(zip(batch, r.to_global(batch.values(), stacked=True))))
         done = step + 1
+        cum_tokens[done] = cum_tokens[step] + int(batch["attention_mask"].sum()) * jax.process_count()
+        r.state, metrics = train_step(r.state, dict(zip(batch, r.to_global(batch.values(), stacked=True))))
         if pending is not None:
-            pending_step, pending_metrics = pending
-            now = time.perf_counter()
-            flush(pending_step, pending_metrics, tokens_since, now - t0)
-            t0, tokens_since = now, 0
+            flush(*pending)
             pending = None
         if done % cfg.train.log_every == 0 or done == num_steps:
             pending = (done, metrics)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != num_steps:
             last.update(writer.write(done, evaluate()))
+            last_read[1] = time.perf_counter()  # evaluation time is not training throughput
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
             ckpt.save(done, r.state)
         if bar is not None:
             bar.update(1)
     if pending is not None:
-        flush(pending[0], pending[1], tokens_since, time.perf_counter() - t0)
+        flush(*pending)
     if bar is not None:
         bar.close()
 
