@@ -92,6 +92,7 @@ def ppo_config() -> ml_collections.ConfigDict:
         penalize_missing_eos=True,
         missing_eos_penalty=-1.0,  # score of a response that never stops
         critic="shared",  # 'shared' value head on the policy trunk, or 'separate' (init from the RM)
+        reference_path="",  # '' = the initial policy is the KL reference
         ptx_coef=0.0,  # PPO-ptx: gamma of the SFT loss mixed into every step
         ptx_data="",
         ptx_batch_size=8,

@@ -26,12 +26,17 @@ def main(argv):
         from rlhf_jax.train.loop import run
 
         summary = run(cfg, _WORKDIR.value)
+    elif stage == "rlhf":
+        from rlhf_jax.pipeline import run_rlhf
+
+        summary = run_rlhf(cfg, _WORKDIR.value)
+        return
     elif stage == "ppo":
         from rlhf_jax.ppo.trainer import run_ppo
 
         summary = run_ppo(cfg, _WORKDIR.value)
     else:
-        raise ValueError(f"config stage={stage!r} is not one of 'sft', 'rm', 'ppo'")
+        raise ValueError(f"config stage={stage!r} is not one of 'sft', 'rm', 'ppo', 'rlhf'")
     keys = sorted(k for k in summary if k.startswith(("eval/", "train/loss", "rm/", "ppo/score", "ppo/kl")))
     for k in keys:
         print(f"{k:32s} {summary[k]}")

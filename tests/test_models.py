@@ -154,3 +154,33 @@ def test_bfloat16_parameters_and_compute(tmp_path, single_mesh):
     assert logits.dtype == np.float32
     expected = _hf_logits(hf_model, rows[0])
     assert np.abs(logits[0] - expected).max() < 0.1  # bf16 rounding, same network
+
+
+@pytest.mark.parametrize("layout", ["sharded_safetensors", "pytorch_bin"])
+def test_other_checkpoint_layouts(layout, tmp_path, single_mesh):
+    hf_model, path = _hf_model("llama_gqa", tmp_path)
+    other = tmp_path / layout
+    if layout == "sharded_safetensors":
+        hf_model.save_pretrained(other, max_shard_size="20KB")
+        assert (other / "model.safetensors.index.json").exists()
+    else:
+        other.mkdir()
+        (other / "config.json").write_text((path / "config.json").read_text())
+        torch.save(hf_model.state_dict(), other / "pytorch_model.bin")
+    model = load_pretrained(other, mesh=single_mesh)
+    ids, mask, rows = _left_padded_batch(np.random.default_rng(5))
+    logits = np.asarray(model(ids, mask))
+    t = ids.shape[1]
+    for b, row in enumerate(rows):
+        assert np.abs(logits[b, t - len(row):] - _hf_logits(hf_model, row)).max() < 1e-4
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path, single_mesh):
+    from safetensors.numpy import load_file, save_file
+
+    _, path = _hf_model("llama_gqa", tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"no tensor for layers\.1\.mlp\.up\.kernel"):
+        load_pretrained(path, mesh=single_mesh)

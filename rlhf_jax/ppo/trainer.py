@@ -81,18 +81,32 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
     if not policy_train:
         raise ValueError(f"train.trainable={cfg.train.trainable!r} matches no parameter")
     policy_all = {**policy_train, **policy_rest}
-    # The frozen reference is the initial policy without its value head.
+    # The frozen reference: the initial policy without its value head, or another checkpoint
+    # (iterated rounds keep the KL to the SFT model while the policy starts from the last one).
     ref_def = _abstract_def(policy.cfg, ("lm",))
-    ref_params = _copy({n: policy_all[n] for n in ref_def.names})
+    if p.reference_path:
+        ref_model = load_pretrained(p.reference_path, heads=("lm",), mesh=r.mesh, rules=r.rules,
+                                    dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+        ref_def, ref_params, ref_rest = ModelDef.split(ref_model, None)
+        ref_params.update(ref_rest)
+        del ref_model
+    else:
+        ref_params = _copy({n: policy_all[n] for n in ref_def.names})
     del policy
 
-    rm_def, rm_params, rm_tokenizer = None, None, None
+    rm_def, rm_params, rm_tokenizer, rm_text_scorer = None, None, None, None
     if cfg.reward.rm_path:
         rm = load_pretrained(cfg.reward.rm_path, heads=("reward",), mesh=r.mesh, rules=r.rules)
         rm_def, rm_params, rest = ModelDef.split(rm, None)
         rm_params.update(rest)
-        if cfg.reward.rm_tokenizer:  # decode the policy's text, re-encode it for the RM
+        if cfg.reward.rm_tokenizer:
+            # The RM reads text, not the policy's tokens: decode, re-encode exactly as the RM's
+            # training data was encoded ([BOS] prompt response [EOS]), score.
+            from rlhf_jax.feedback.labelers import RMLabeler
+
             rm_tokenizer = data_lib.load_tokenizer(cfg.reward.rm_tokenizer)
+            rm_text_scorer = RMLabeler((rm, rm_tokenizer), max_length=int(cfg.reward.rm_max_length),
+                                       batch_size=int(p.batch_size))
         del rm
     fns = [rewards_lib.load_reward_function(s) for s in cfg.reward.functions if s] + list(reward_functions)
     weights = list(cfg.reward.function_weights) + [1.0] * (len(fns) - len(cfg.reward.function_weights))
@@ -167,9 +181,6 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
     update = jax.jit(lambda st, ro, ptx: ppo_update(defs, hp, tx, st, ro, ptx),
                      in_shardings=(state_sh, rollout_sh, ptx_sh), out_shardings=(state_sh, replicated),
                      donate_argnums=(0,))
-    rm_score_retok = None
-    if rm_tokenizer is not None:
-        rm_score_retok = jax.jit(lambda rmp, ids, mask: (lambda m: m.reward(ids, mask))(rm_def.merge(rmp)))
 
     pi, pc = jax.process_index(), jax.process_count()
     prompt_it = data_lib.batches(prompts, batch_size=int(p.batch_size), seed=cfg.seed, start_step=start,
@@ -211,9 +222,8 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
         scores = np.zeros(int(p.batch_size), np.float32)
         extra = {}
         if rm_def is not None:
-            if rm_tokenizer is not None:
-                rm_np = _rescore_with_own_tokenizer(rm_score_retok, rm_params, rm_tokenizer, prompt_texts,
-                                                    response_texts, cfg.reward.rm_max_length, r)
+            if rm_text_scorer is not None:
+                rm_np = np.asarray(rm_text_scorer.scores(list(zip(prompt_texts, response_texts))), np.float32)
             else:
                 rm_np = to_host(rm_scores)
             scores += float(cfg.reward.rm_weight) * rm_np
@@ -267,19 +277,6 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
     if is_main:
         write_json_atomic(workdir / "summary.json", summary)
     return summary
-
-
-def _rescore_with_own_tokenizer(score_fn, rm_params, rm_tokenizer, prompts, responses, max_length: int,
-                                r: Run) -> np.ndarray:
-    """RM scores when the RM has its own tokenizer: decode, re-encode, left-pad, score."""
-    seqs = []
-    for prompt, response in zip(prompts, responses):
-        ids = rm_tokenizer(prompt + response, add_special_tokens=True)["input_ids"][-max_length:]
-        seqs.append(np.asarray(ids, np.int32))
-    ids, mask = data_lib.left_pad(seqs, max_length, rm_tokenizer.pad_token_id)
-    gi, gm = (jax.make_array_from_callback(a.shape, sharding_lib.batch_sharding(r.mesh, 2, r.rules),
-                                           lambda i, a=a: a[i]) for a in (ids, mask))
-    return to_host(score_fn(rm_params, gi, gm)).astype(np.float32)
 
 
 def _log_samples(workdir: Path, step: int, prompts, responses, scores, n: int, is_main: bool) -> None:
