@@ -41,7 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
         num_epochs=1,
         trainable=".*",  # regex over parameter names, e.g. r"layers\.(2[4-9])\.|reward_head"
         log_every=10,
-        eval_every=0,
+        eval_every=0,  # also evaluates at step 0 (before training) when eval_at_start
+        eval_at_start=True,
         eval_batches=0,  # 0 = the whole held-out split
         checkpoint_every=100,
         keep_checkpoints=3,

@@ -4,12 +4,15 @@ import json
 import runpy
 from pathlib import Path
 
+import pytest
+
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.pipeline import run_rlhf
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~2 minutes; the default suite covers every stage through the quickstart
 def test_two_rounds_collect_label_retrain_and_continue(tmp_path, capsys):
     cfg = runpy.run_path(str(ROOT / "configs" / "quickstart.py"))["get_config"]("rounds=2")
     cfg.mesh.num_devices = 1

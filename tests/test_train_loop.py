@@ -95,7 +95,7 @@ def test_sft_run_writes_outputs_and_learns(data_dir, tmp_path):
     losses = [loss for _, loss in _losses(tmp_path)]
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
     rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows if "eval/loss" in r] == [4, 8, 12, 16, 20]
+    assert [r["step"] for r in rows if "eval/loss" in r] == [0, 4, 8, 12, 16, 20]
     evals = [r["eval/loss"] for r in rows if "eval/loss" in r]
     assert evals[-1] < evals[0]
     assert summary["eval/perplexity"] == pytest.approx(np.exp(summary["eval/loss"]), rel=1e-5)

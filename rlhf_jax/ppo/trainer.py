@@ -94,7 +94,7 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
         ref_params = _copy({n: policy_all[n] for n in ref_def.names})
     del policy
 
-    rm_def, rm_params, rm_tokenizer, rm_text_scorer = None, None, None, None
+    rm_def, rm_params, rm_text_scorer = None, None, None
     if cfg.reward.rm_path:
         rm = load_pretrained(cfg.reward.rm_path, heads=("reward",), mesh=r.mesh, rules=r.rules)
         rm_def, rm_params, rest = ModelDef.split(rm, None)
@@ -104,8 +104,7 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
             # training data was encoded ([BOS] prompt response [EOS]), score.
             from rlhf_jax.feedback.labelers import RMLabeler
 
-            rm_tokenizer = data_lib.load_tokenizer(cfg.reward.rm_tokenizer)
-            rm_text_scorer = RMLabeler((rm, rm_tokenizer), max_length=int(cfg.reward.rm_max_length),
+            rm_text_scorer = RMLabeler((rm, data_lib.load_tokenizer(cfg.reward.rm_tokenizer)), max_length=int(cfg.reward.rm_max_length),
                                        batch_size=int(p.batch_size))
         del rm
     fns = [rewards_lib.load_reward_function(s) for s in cfg.reward.functions if s] + list(reward_functions)
@@ -168,9 +167,13 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
     replicated = NamedSharding(r.mesh, P())
     ref_sh = jax.tree.map(lambda x: x.sharding, ref_params)
     rm_sh = jax.tree.map(lambda x: x.sharding, rm_params) if rm_params is not None else None
-    score = jax.jit(lambda st, ref, rmp, qi, qm, ri, rmask: score_rollout(defs, ref_def, rm_def if rm_tokenizer is None
-                                                                         else None, hp, st, ref, rmp, qi, qm, ri, rmask),
-                    in_shardings=(state_sh, ref_sh, rm_sh, batch2, batch2, batch2, batch2),
+    token_rm_def = rm_def if rm_text_scorer is None else None  # an RM on text is scored outside the program
+
+    def score_fn(st, ref, rmp, query_ids, query_mask, response_ids, response_mask):
+        return score_rollout(defs, ref_def, token_rm_def, hp, st, ref, rmp, query_ids, query_mask, response_ids,
+                             response_mask)
+
+    score = jax.jit(score_fn, in_shardings=(state_sh, ref_sh, rm_sh, batch2, batch2, batch2, batch2),
                     out_shardings=(batch2, batch2, batch2, batch1))
     rollout_sh = Rollout(query_ids=batch2, query_mask=batch2, response_ids=batch2, response_mask=batch2,
                          logprobs=batch2, ref_logprobs=batch2, values=batch2, scores=batch1)
@@ -212,7 +215,7 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
         samples = generate({**state.params["policy"], **state.frozen["policy"]}, qi, qm, key)
         logp, ref_logp, values, rm_scores = score(state, ref_params, rm_params, qi, qm, samples.tokens, samples.mask)
 
-        need_text = bool(fns) or rm_tokenizer is not None or (p.sample_every and (it + 1) % p.sample_every == 0)
+        need_text = bool(fns) or rm_text_scorer is not None or (p.sample_every and (it + 1) % p.sample_every == 0)
         prompt_texts = response_texts = None
         if need_text:
             idx = to_host(index)

@@ -268,6 +268,8 @@ def run(cfg, workdir: str | Path) -> dict:
         bar = tqdm(total=num_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
 
     last: dict[str, Any] = {}
+    if start == 0 and cfg.train.eval_every and cfg.train.get("eval_at_start", True):
+        writer.write(0, evaluate())  # the baseline every later evaluation is compared with
     pending = None  # metrics are read back one step late, so dispatch stays asynchronous
     cum_tokens = {start: 0}  # tokens dispatched up to each step
     last_read = [start, time.perf_counter()]  # the last step whose metrics were read, and when
