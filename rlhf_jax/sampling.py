@@ -180,14 +180,14 @@ def _merge_params(params: Params | Sequence[Params]) -> dict:
 
 
 def _cache_sharding(mesh: Mesh, rules: Mapping | None, num_kv_heads: int) -> NamedSharding:
-    """[B, S, K, E] cache arrays: batch over the batch axes, kv heads over the tensor axis when
-    they divide (so attention stays local to the shard that computed q/k/v)."""
+    """[B, K, S, E] cache arrays (`KVCache` layout): batch over the batch axes, kv heads over
+    the tensor axis when they divide (so attention stays local to the shard that computed q/k/v)."""
     rules = sharding_lib.rules_from_config(rules)
     kv_axes = rules.get("kv_heads")
     flat = (kv_axes,) if isinstance(kv_axes, str) else tuple(kv_axes or ())
     if flat and num_kv_heads % int(np.prod([mesh.shape[a] for a in flat])):
         kv_axes = None
-    return NamedSharding(mesh, P(rules["batch"], None, kv_axes, None))
+    return NamedSharding(mesh, P(rules["batch"], kv_axes, None, None))
 
 
 def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_BP: jax.Array,

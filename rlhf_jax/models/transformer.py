@@ -100,9 +100,13 @@ class KVCache:
     Slots are filled left to right, one call's tokens at a time (`index` is the next free
     slot). `mask_BS` marks which slots hold real tokens (padding in a left-padded prompt does
     not), and `lengths_B` counts the real tokens of each row, which gives the next position id.
+
+    Keys and values are stored [B, K, S, E] (kv heads before slots), the layout the attention
+    matmuls read: each call transposes only its T new tokens when writing them, instead of
+    the compiler copying the whole cache of every layer into that layout at every decode step.
     """
 
-    k: tuple[jax.Array, ...]  # L × [B, S, K, E]
+    k: tuple[jax.Array, ...]  # L × [B, K, S, E]
     v: tuple[jax.Array, ...]
     mask_BS: jax.Array  # int32
     lengths_B: jax.Array  # int32
@@ -111,7 +115,7 @@ class KVCache:
     @classmethod
     def create(cls, cfg: ModelConfig, batch_size: int, max_length: int, dtype=None) -> "KVCache":
         dtype = dtype or cfg.compute_dtype
-        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))
         return cls(
             k=zeros,
@@ -154,24 +158,34 @@ class Attention(nnx.Module):
 
         new_kv = None
         if cache_kv is not None:
+            # The cache is [B, K, S, E]: only the T new tokens are transposed, on the way in.
             k_cache, v_cache = cache_kv
-            k_BSKE = jax.lax.dynamic_update_slice(k_cache, k_BTKE.astype(k_cache.dtype), (0, index, 0, 0))
-            v_BSKE = jax.lax.dynamic_update_slice(v_cache, v_BTKE.astype(v_cache.dtype), (0, index, 0, 0))
-            new_kv = (k_BSKE, v_BSKE)
-        else:
-            k_BSKE, v_BSKE = k_BTKE, v_BTKE
+            k_BKSE = jax.lax.dynamic_update_slice(
+                k_cache, k_BTKE.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
+            v_BKSE = jax.lax.dynamic_update_slice(
+                v_cache, v_BTKE.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
+            new_kv = (k_BKSE, v_BKSE)
+            keys, values, kv_axes = k_BKSE, v_BKSE, "bkse"
+        else:  # no cache: the keys are the T new tokens themselves
+            keys, values, kv_axes = k_BTKE, v_BTKE, "bske"
 
         g = h // kv
         q_BTKGE = q_BTHE.reshape(b, t, kv, g, e)
-        scores_BKGTS = jnp.einsum("btkge,bske->bkgts", q_BTKGE, k_BSKE.astype(q_BTKGE.dtype),
+        scores_BKGTS = jnp.einsum(f"btkge,{kv_axes}->bkgts", q_BTKGE, keys.astype(q_BTKGE.dtype),
                                   preferred_element_type=jnp.float32) / math.sqrt(e)
         allowed_TS = k_slots_S[None, :] <= q_slots_T[:, None]
         if cfg.sliding_window is not None:
             allowed_TS &= q_slots_T[:, None] - k_slots_S[None, :] < cfg.sliding_window
         allowed_BTS = allowed_TS[None] & (key_mask_BS[:, None, :] > 0)
         scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, _NEG_INF)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKE.dtype)
-        out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, v_BSKE)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(values.dtype)
+        if cache_kv is not None:
+            # Output [B, K, G, T, E] makes einsum contract probs @ v with v as the right-hand
+            # [S, E] operand, as stored; "->btkge" would make it v^T @ probs^T, which copies the
+            # whole v cache into [B, K, E, S]. Only the small output is transposed.
+            out_BTKGE = jnp.einsum("bkgts,bkse->bkgte", probs_BKGTS, values).transpose(0, 3, 1, 2, 4)
+        else:
+            out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, values)
         return self.o(out_BTKGE.reshape(b, t, h * e)), new_kv
 
 
