@@ -13,8 +13,12 @@ from rlhf_jax.models import Transformer
 
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """log p(target) per position [B, T], float32."""
+    """log p(target) per position [B, T], float32.
+
+    Targets at padding may be a pad id outside the vocabulary (GPT-2's added <pad>): they are
+    clipped into range, since an out-of-range gather gives NaN and NaN * (mask 0) is NaN."""
     logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    targets_BT = jnp.clip(targets_BT, 0, logits_BTV.shape[-1] - 1)
     return jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
 
 

@@ -184,3 +184,21 @@ def test_checkpoint_errors_name_the_tensor(tmp_path, single_mesh):
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"no tensor for layers\.1\.mlp\.up\.kernel"):
         load_pretrained(path, mesh=single_mesh)
+
+
+def test_pad_id_outside_the_vocabulary_is_harmless(single_mesh):
+    """GPT-2's tokenizer gets a dedicated <pad> = 50257, one past its 50257-row embedding."""
+    from flax import nnx
+
+    from rlhf_jax.models import ModelConfig, Transformer
+    from rlhf_jax.sft import sft_loss
+
+    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+                      mlp_dim=64)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    ids, mask, _ = _left_padded_batch(np.random.default_rng(6))
+    bad = np.where(mask > 0, ids, VOCAB)  # pad id = vocab size
+    np.testing.assert_allclose(np.asarray(model(bad, mask)), np.asarray(model(ids, mask)), atol=1e-6)
+    batch = {"input_ids": bad, "attention_mask": mask, "loss_mask": mask.astype(np.float32)}
+    total, count, _ = sft_loss(model, batch)
+    assert np.isfinite(float(total)) and float(count) > 0

@@ -273,6 +273,10 @@ class Transformer(nnx.Module):
         if attention_mask_BT is None:
             attention_mask_BT = jnp.ones((b, t), jnp.int32)
         attention_mask_BT = attention_mask_BT.astype(jnp.int32)
+        # A pad id may lie outside the embedding table (GPT-2's added <pad> is id 50257 of a
+        # 50257-row table); an out-of-range gather gives NaN, which even a zero attention
+        # weight would spread (0 * NaN). Padding carries no information: read row 0 instead.
+        input_ids_BT = jnp.where(attention_mask_BT > 0, input_ids_BT, 0)
         past_B = cache.lengths_B if cache is not None else jnp.zeros((b,), jnp.int32)
         if positions_BT is None:
             positions_BT = jnp.maximum(past_B[:, None] + jnp.cumsum(attention_mask_BT, -1) - 1, 0)
