@@ -38,7 +38,7 @@ def rm_loss(model: Transformer, batch: dict, *, center_rewards_coef: float = 0.0
         "reward_chosen": ((r_chosen_P * w_P).sum(), n_pairs),
         "reward_rejected": ((r_rejected_P * w_P).sum(), n_pairs),
         "reward_margin": ((diff_P * w_P).sum(), n_pairs),
-        "pairs": (n_pairs, jnp.float32(1.0)),
+        "pairs_per_batch": (n_pairs, jnp.float32(1.0)),
     }
     return (loss_P * w_P).sum(), n_pairs, stats
 

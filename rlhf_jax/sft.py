@@ -36,7 +36,7 @@ def sft_loss(model: Transformer, batch: dict) -> tuple[jax.Array, jax.Array, dic
     n_tokens = weight_BT.sum()
     correct = (jnp.argmax(logits_BTV[:, :-1], -1) == ids_BT[:, 1:]).astype(jnp.float32)
     stats = {"loss": (nll_sum, n_tokens), "token_accuracy": ((correct * weight_BT).sum(), n_tokens),
-             "tokens": (n_tokens, jnp.float32(1.0))}
+             "tokens_per_batch": (n_tokens, jnp.float32(1.0))}
     return nll_sum, n_tokens, stats
 
 
