@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax.feedback import ComparisonStore
+from rlhf_jax.fileio import atomic_write_text
 from rlhf_jax.feedback.collect import collect_comparisons, generate_texts
 from rlhf_jax.feedback.labelers import GoldLabeler, RMLabeler, label_store
 from rlhf_jax.ppo.trainer import run_ppo
@@ -35,9 +36,7 @@ from rlhf_jax.train.loop import run as run_stage
 
 def _write_jsonl(path: Path, rows) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

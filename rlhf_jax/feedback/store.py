@@ -55,6 +55,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf_jax.fileio import TMP_PREFIX, atomic_write_text  # noqa: F401  (part of this module's API)
+
 __all__ = [
     "KINDS",
     "ComparisonStore",
@@ -68,7 +70,6 @@ __all__ = [
 KINDS = ("choice", "ranking", "tie", "skip")
 FORMAT_NAME = "rlhf_jax.comparisons"
 FORMAT_VERSION = 1
-TMP_PREFIX = ".tmp-"
 _ITEM_KEYS = {"id", "prompt", "responses", "meta"}
 
 
@@ -76,36 +77,6 @@ def _utc_now_iso() -> str:
     # Microseconds so that labels written in quick succession still order by time.
     now = dt.datetime.now(dt.timezone.utc)
     return now.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is only durable once the directory entry itself reaches the disk.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Writes `text` to `path` so that readers see either the old file or all of the new one.
-
-    The temporary file lives in the same directory (a rename across file systems is not
-    atomic) and carries the `.tmp-` prefix that readers of a store skip.
-    """
-    path = Path(path)
-    tmp = path.parent / f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
 
 
 def _is_committed(name: str, suffix: str) -> bool:

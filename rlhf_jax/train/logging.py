@@ -13,6 +13,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rlhf_jax.fileio import atomic_write_text
+
 
 def _plain(v):
     v = np.asarray(v)
@@ -23,10 +25,8 @@ def _plain(v):
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Writes JSON through a temp file + rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    """Writes JSON so that a crash never leaves half a file."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
 class MetricWriter:
@@ -66,6 +66,4 @@ def drop_metrics_after(workdir: str | os.PathLike, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
