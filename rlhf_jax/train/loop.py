@@ -295,6 +295,9 @@ def run(cfg, workdir: str | Path) -> dict:
         if done % cfg.train.log_every == 0 or done == num_steps:
             pending = (done, metrics)
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != num_steps:
+            if pending is not None:  # close the throughput interval before the evaluation
+                flush(*pending)
+                pending = None
             last.update(writer.write(done, evaluate()))
             last_read[1] = time.perf_counter()  # evaluation time is not training throughput
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
