@@ -304,8 +304,7 @@ def make_generate(model_def: ModelDef, mesh: Mesh, config: SamplingConfig, *,
     out_shardings = Samples(tokens=batch_2d, logprobs=batch_2d, mask=batch_2d, lengths=batch_1d,
                             stopped=batch_1d, num_steps=replicated)
     batch_axes = batch_2d.spec[0]
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes or ())
-    batch_shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    batch_shards = sharding_lib.batch_shards(mesh, rules)
 
     def pure(params, prompt_ids_BP, prompt_mask_BP, key):
         return generate(model_def, params, prompt_ids_BP, prompt_mask_BP, key, config=config, mesh=mesh,

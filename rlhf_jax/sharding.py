@@ -108,6 +108,13 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: Mapping | None = None) -> N
     return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def batch_shards(mesh: Mesh, rules: Mapping | None = None) -> int:
+    """How many shards the batch dimension is split into on `mesh` (batch sizes must divide it)."""
+    axes = batch_sharding(mesh, 1, rules).spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def _variable_spec(path, var: nnx.Variable, mesh: Mesh, rules: Mapping) -> NamedSharding:
     where = f" (parameter {'.'.join(map(str, path))})"
     meta = var.get_metadata()

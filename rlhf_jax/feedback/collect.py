@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
@@ -52,7 +51,7 @@ from rlhf_jax.models.checkpoints import to_host
 from rlhf_jax.params import ModelDef
 from rlhf_jax.sampling import SamplingConfig, make_generate, rollout_key
 
-__all__ = ["SETTINGS_KEYS", "batch_shards", "cached_program", "collect_comparisons", "item_id", "load_model",
+__all__ = ["SETTINGS_KEYS", "cached_program", "collect_comparisons", "item_id", "load_model",
            "model_mesh"]
 
 # Meta fields that define a collection: an item already in the store must match them all,
@@ -122,13 +121,6 @@ def cached_program(name: str, model_def: ModelDef, mesh: Mesh, settings: Hashabl
     while len(_PROGRAMS) > _MAX_PROGRAMS:
         _PROGRAMS.popitem(last=False)
     return fn
-
-
-def batch_shards(mesh: Mesh) -> int:
-    """How many shards the batch dimension is split into on `mesh` (batch sizes must divide)."""
-    axes = sharding_lib.batch_sharding(mesh, 2).spec[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in axes]))
 
 
 def item_id(round_: Any, index: int, prompt: str) -> str:
@@ -250,7 +242,7 @@ def collect_comparisons(store: ComparisonStore, policy: Any, prompts: Any, *, nu
     mesh = mesh if mesh is not None else model_mesh(model)
     # K rows per prompt; the batch axes of the mesh must divide the rows, i.e. the prompts
     # per batch must be a multiple of `step`. Round down (memory), but take at least one step.
-    shards = batch_shards(mesh)
+    shards = sharding_lib.batch_shards(mesh)
     step = shards // math.gcd(shards, k)
     per_batch = max(step, min(int(batch_size) // k, len(ids)) // step * step)
 
@@ -300,7 +292,7 @@ def generate_texts(policy: Any, prompts: Any, *, max_new_tokens: int = 32, tempe
     model, tokenizer, _ = load_model(policy, ("lm",), mesh)
     dataset = data_lib.prompt_dataset(_prompt_rows(prompts), tokenizer, max_prompt_length=int(max_prompt_length))
     mesh = mesh if mesh is not None else model_mesh(model)
-    shards = batch_shards(mesh)
+    shards = sharding_lib.batch_shards(mesh)
     per_batch = max(shards, int(batch_size) // shards * shards)
     sampling = SamplingConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
                               top_p=float(top_p), stop_token_ids=(int(tokenizer.eos_token_id),),

@@ -237,6 +237,7 @@ class RMLabeler(GoldLabeler):
         # and the other labelers never pay for them.
         import jax
 
+        from rlhf_jax import sharding as sharding_lib
         from rlhf_jax.feedback import collect
         from rlhf_jax.params import ModelDef
         from rlhf_jax.sampling import param_shardings
@@ -265,7 +266,7 @@ class RMLabeler(GoldLabeler):
         self.max_length = int(max_length)
         self.max_prompt_length = None if max_prompt_length is None else int(max_prompt_length)
         self.mesh = mesh if mesh is not None else collect.model_mesh(model)
-        shards = collect.batch_shards(self.mesh)
+        shards = sharding_lib.batch_shards(self.mesh)
         self.batch_size = -(-int(batch_size) // shards) * shards
         self.model_def, _, params = ModelDef.split(model, None)
         # A no-op for a model already laid out on this mesh; moves a pair's model otherwise.

@@ -33,8 +33,8 @@ from rlhf_jax.params import ModelDef, count
 from rlhf_jax.ppo.step import PPOHyperparams, PPOState, Rollout, ppo_update, score_rollout
 from rlhf_jax.sampling import SamplingConfig, make_generate
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.train.checkpoint import Checkpointer
-from rlhf_jax.train.logging import MetricWriter, drop_metrics_after, write_json_atomic
+from rlhf_jax.train.checkpoint import Checkpointer, resume
+from rlhf_jax.train.logging import MetricWriter, write_json_atomic
 from rlhf_jax.train.loop import Run, load_model_and_tokenizer, maybe_initialize_distributed
 
 _ROLLOUT_STREAM = 1  # key streams: rollouts fold (stream, step); the update folds the step alone
@@ -146,13 +146,7 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
                      key=jax.device_put(jax.random.key_data(jax.random.key(cfg.seed)), NamedSharding(r.mesh, P())))
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpointing)
-    start = 0
-    if ckpt.latest_step() is not None:
-        start = int(ckpt.latest_step())
-        state = ckpt.restore(state)
-        if is_main:
-            print(f"resuming from {workdir / 'checkpoints'} at PPO iteration {start}")
-            drop_metrics_after(workdir, start)
+    state, start = resume(ckpt, state, workdir, unit="PPO iteration")
 
     stop_ids = tuple(sorted({i for i in (tokenizer.eos_token_id, *cfg.sampling.extra_stop_token_ids) if i is not None}))
     sampling = SamplingConfig(max_new_tokens=int(cfg.sampling.max_new_tokens),

@@ -38,3 +38,21 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def resume(ckpt: Checkpointer, state, workdir: Path, unit: str = "step"):
+    """(state, start): the latest checkpoint's state and step, or (state, 0) for a new run.
+
+    metrics.jsonl keeps only the rows up to that step: a killed run may have logged past its
+    last checkpoint, and the resumed run logs those steps again.
+    """
+    if ckpt.latest_step() is None:
+        return state, 0
+    start = int(ckpt.latest_step())
+    state = ckpt.restore(state)
+    if jax.process_index() == 0:
+        from rlhf_jax.train.logging import drop_metrics_after
+
+        print(f"resuming from {Path(workdir) / 'checkpoints'} at {unit} {start}")
+        drop_metrics_after(workdir, start)
+    return state, start

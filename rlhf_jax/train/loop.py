@@ -30,8 +30,8 @@ from rlhf_jax.models import ModelConfig, Transformer, load_gguf, load_pretrained
 from rlhf_jax.models.checkpoints import to_host
 from rlhf_jax.params import ModelDef, count
 from rlhf_jax.train import step as step_lib
-from rlhf_jax.train.checkpoint import Checkpointer
-from rlhf_jax.train.logging import MetricWriter, drop_metrics_after, write_json_atomic
+from rlhf_jax.train.checkpoint import Checkpointer, resume
+from rlhf_jax.train.logging import MetricWriter, write_json_atomic
 
 
 # --------------------------------------------------------------------------- set-up
@@ -227,13 +227,7 @@ def run(cfg, workdir: str | Path) -> dict:
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpointing)
-    start = 0
-    if ckpt.latest_step() is not None:
-        start = int(ckpt.latest_step())
-        r.state = ckpt.restore(r.state)
-        if is_main:
-            print(f"resuming from {workdir / 'checkpoints'} at step {start}")
-            drop_metrics_after(workdir, start)  # rows a killed run logged past its last checkpoint
+    r.state, start = resume(ckpt, r.state, workdir)
 
     it = micro_batches(start * accum, r.train_data)
     example = _stack([next(micro_batches(0, r.train_data)) for _ in range(accum)])
