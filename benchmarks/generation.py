@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from rlhf_jax import sharding  # noqa: E402
 from rlhf_jax.models import load_pretrained  # noqa: E402
-from rlhf_jax.params import ModelDef, count  # noqa: E402
+from rlhf_jax.models import ModelDef, count  # noqa: E402
 from rlhf_jax.sampling import SamplingConfig, make_generate  # noqa: E402
 
 BEGIN, END = "<!-- generation:begin -->", "<!-- generation:end -->"

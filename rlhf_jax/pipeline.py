@@ -27,7 +27,8 @@ import numpy as np
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.fileio import atomic_write_text
 from rlhf_jax.feedback.collect import collect_comparisons, generate_texts
-from rlhf_jax.feedback.labelers import GoldLabeler, RMLabeler, label_store
+from rlhf_jax.feedback.labelers import GoldLabeler, label_store
+from rlhf_jax.feedback.rm_labeler import RMLabeler
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.tasks import get_task
 from rlhf_jax.train.logging import read_metrics, write_json_atomic
@@ -110,15 +111,61 @@ def plot_ppo(ppo_workdir: Path, out: Path) -> Path:
     return out
 
 
+def _label(cfg, task, store: ComparisonStore, ids: list[str]) -> None:
+    kind = cfg.labeler.kind
+    if kind == "gold":
+        label_store(store, GoldLabeler(task.gold, noise=cfg.labeler.noise, seed=cfg.seed, name="simulated-gold"))
+    elif kind == "rm":
+        label_store(store, RMLabeler(cfg.labeler.rm_path, noise=cfg.labeler.noise, seed=cfg.seed))
+    elif kind == "human":
+        _wait_for_labels(store, ids, cfg.labeler.wait_timeout_s, cfg.labeler.poll_s)
+    else:
+        raise ValueError(f"labeler.kind={kind!r} is not one of 'gold', 'rm', 'human'")
+
+
+def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: Path, sft_model: Path,
+           train_prompts: list[str], prompts_file: Path) -> tuple[dict, dict, Path]:
+    """One round: collect from `policy`, label, retrain the RM on every comparison so far,
+    PPO from `policy`; returns (RM summary, PPO summary, PPO workdir)."""
+    rd = workdir / f"round_{rnd}"
+    start = (rnd - 1) * cfg.collect.num_prompts % max(len(train_prompts), 1)
+    round_prompts = [train_prompts[(start + i) % len(train_prompts)] for i in range(cfg.collect.num_prompts)]
+    ids = collect_comparisons(store, policy, round_prompts, num_responses=cfg.collect.num_responses,
+                              max_new_tokens=cfg.collect.max_new_tokens, temperature=cfg.collect.temperature,
+                              seed=cfg.seed + rnd, batch_size=cfg.collect.batch_size, meta={"round": rnd})
+    _label(cfg, task, store, ids)
+    prefs = rd / "preferences.jsonl"
+    rd.mkdir(parents=True, exist_ok=True)
+    store.export_preferences(prefs)  # every comparison so far: the RM is retrained on all of them
+    rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",
+                                              "model.path": str(sft_model)}), rd / "rm", run_stage)
+    ppo_dir = rd / "ppo"
+    ppo_summary = _stage(_with(cfg.ppo, cfg, **{"data.path": str(prompts_file), "model.init": "pretrained",
+                                                "model.path": str(policy), "reward.rm_path": str(rd / "rm" / "model"),
+                                                "ppo.reference_path": str(sft_model)}), ppo_dir, run_ppo)
+    return rm_summary, ppo_summary, ppo_dir
+
+
+def _report(summary: dict, plot) -> None:
+    table = [("policy", "gold score", "RM accuracy", "KL to SFT (nats)"),
+             ("SFT", f"{summary['gold_score_sft']:+.3f}", "", "0"),
+             ("PPO", f"{summary['gold_score_ppo']:+.3f}",
+              f"{summary['rm_eval_accuracy']:.3f}" if summary["rm_eval_accuracy"] else "-",
+              f"{summary['ppo_kl_final']:.2f}" if summary["ppo_kl_final"] is not None else "-")]
+    print()
+    for row in table:
+        print(f"| {row[0]:<6} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
+    print(f"\n{summary['comparisons']} comparisons, {summary['labels']} labels, {summary['seconds']:.0f} s; "
+          f"curves: {plot}")
+
+
 def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(workdir / "config.json", cfg.to_dict())
     task = get_task(cfg.task)
     t_start = time.time()
-
-    # The task's data, built in.
-    data = workdir / "data"
+    data = workdir / "data"  # the task's data, built in
     demos = _write_jsonl(data / "demonstrations.jsonl", task.demonstrations(cfg.data.num_demos, seed=cfg.seed))
     train_prompts = task.prompts(cfg.data.num_train_prompts)
     eval_prompts = task.prompts(cfg.data.num_eval_prompts, offset=cfg.data.num_train_prompts)
@@ -126,39 +173,12 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
 
     sft_dir = workdir / "sft"
     _stage(_with(cfg.sft, cfg, **{"data.path": str(demos)}), sft_dir, run_stage)
-    sft_model = sft_dir / "model"
-    policy = sft_model
-
+    sft_model = policy = sft_dir / "model"
     store = ComparisonStore(workdir / "comparisons")
     rm_summary, ppo_summary, ppo_dir = {}, {}, None
     for rnd in range(1, cfg.rounds + 1):
-        rd = workdir / f"round_{rnd}"
-        start = (rnd - 1) * cfg.collect.num_prompts % max(len(train_prompts), 1)
-        round_prompts = [train_prompts[(start + i) % len(train_prompts)] for i in range(cfg.collect.num_prompts)]
-        ids = collect_comparisons(store, policy, round_prompts, num_responses=cfg.collect.num_responses,
-                                  max_new_tokens=cfg.collect.max_new_tokens, temperature=cfg.collect.temperature,
-                                  seed=cfg.seed + rnd, batch_size=cfg.collect.batch_size, meta={"round": rnd})
-        kind = cfg.labeler.kind
-        if kind == "gold":
-            labeler = GoldLabeler(task.gold, noise=cfg.labeler.noise, seed=cfg.seed, name="simulated-gold")
-            label_store(store, labeler)
-        elif kind == "rm":
-            label_store(store, RMLabeler(cfg.labeler.rm_path, noise=cfg.labeler.noise, seed=cfg.seed))
-        elif kind == "human":
-            _wait_for_labels(store, ids, cfg.labeler.wait_timeout_s, cfg.labeler.poll_s)
-        else:
-            raise ValueError(f"labeler.kind={kind!r} is not one of 'gold', 'rm', 'human'")
-        prefs = rd / "preferences.jsonl"
-        rd.mkdir(parents=True, exist_ok=True)
-        store.export_preferences(prefs)  # every comparison so far: the RM is retrained on all of them
-
-        rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",
-                                                  "model.path": str(sft_model)}), rd / "rm", run_stage)
-        ppo_dir = rd / "ppo"
-        ppo_summary = _stage(_with(cfg.ppo, cfg, **{"data.path": str(prompts_file), "model.init": "pretrained",
-                                                    "model.path": str(policy), "reward.rm_path": str(rd / "rm" / "model"),
-                                                    "ppo.reference_path": str(sft_model)}),
-                             ppo_dir, lambda c, w: run_ppo(c, w))
+        rm_summary, ppo_summary, ppo_dir = _round(cfg, rnd, workdir, store, task, policy, sft_model, train_prompts,
+                                                  prompts_file)
         policy = ppo_dir / "model"
 
     print("[rlhf] evaluating the SFT and PPO policies with the gold scorer ...")
@@ -166,28 +186,12 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     gold_ppo = gold_eval(task, policy, eval_prompts, cfg.eval, cfg.seed)
     plot = plot_ppo(ppo_dir, workdir / "ppo_curves.png") if ppo_dir is not None else None
     summary = {
-        "task": task.name,
-        "rounds": cfg.rounds,
-        "gold_score_sft": gold_sft,
-        "gold_score_ppo": gold_ppo,
-        "gold_improvement": gold_ppo - gold_sft,
-        "rm_eval_accuracy": rm_summary.get("eval/accuracy"),
-        "ppo_kl_final": ppo_summary.get("ppo/kl"),
-        "ppo_rm_score_first": ppo_summary.get("ppo/score_first"),
-        "ppo_rm_score_last": ppo_summary.get("ppo/score_last"),
-        "comparisons": len(store.items()),
-        "labels": len(store.labels()),
-        "seconds": time.time() - t_start,
-        "plot": str(plot) if plot else None,
+        "task": task.name, "rounds": cfg.rounds, "gold_score_sft": gold_sft, "gold_score_ppo": gold_ppo,
+        "gold_improvement": gold_ppo - gold_sft, "rm_eval_accuracy": rm_summary.get("eval/accuracy"),
+        "ppo_kl_final": ppo_summary.get("ppo/kl"), "ppo_rm_score_first": ppo_summary.get("ppo/score_first"),
+        "ppo_rm_score_last": ppo_summary.get("ppo/score_last"), "comparisons": len(store.items()),
+        "labels": len(store.labels()), "seconds": time.time() - t_start, "plot": str(plot) if plot else None,
     }
     write_json_atomic(workdir / "summary.json", summary)
-    table = [("policy", "gold score", "RM accuracy", "KL to SFT (nats)"),
-             ("SFT", f"{gold_sft:+.3f}", "", "0"),
-             ("PPO", f"{gold_ppo:+.3f}", f"{summary['rm_eval_accuracy']:.3f}" if summary["rm_eval_accuracy"] else "-",
-              f"{summary['ppo_kl_final']:.2f}" if summary["ppo_kl_final"] is not None else "-")]
-    print()
-    for row in table:
-        print(f"| {row[0]:<6} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
-    print(f"\n{summary['comparisons']} comparisons, {summary['labels']} labels, {summary['seconds']:.0f} s; "
-          f"curves: {plot}")
+    _report(summary, plot)
     return summary

@@ -1,37 +1,15 @@
 """Batched generation compiled as one XLA program: prefill, then a `while_loop` of decode steps.
 
-Shape suffixes: B batch, P prompt length, N new tokens (`max_new_tokens`), S key/value slots,
-V vocabulary.
+Shape suffixes: B batch, P prompt length, N new tokens, S key/value slots, V vocabulary.
+`generate` is pure in the parameters, prompts and a PRNG key; every setting that changes the
+program is a field of the hashable `SamplingConfig`, so nothing is closed over. The decode
+loop exits as soon as every row has stopped; stopped rows are fed masked pad tokens, and
+their outputs after the stop are pad, log-prob 0, mask 0.
 
-`generate` is a pure function of the model's parameters (plain `{dotted name: array}` dicts
-from `ModelDef.split`), the prompts and a PRNG key; every setting that changes the program
-(lengths, temperature, top-k/top-p, stop ids, pad id) is a field of the frozen, hashable
-`SamplingConfig`, so jitting never closes over an array and a new config means a new
-compilation, not a silent retrace with baked-in constants.
-
-The program:
-  1. prefill: the left-padded prompts [B, P] are written into a KV cache of P + N - 1 slots
-     (the last sampled token is never fed back) and the first token is sampled from the
-     logits at each row's last real prompt token;
-  2. decode: a `lax.while_loop` feeds the previous token of every row, samples the next one
-     and stops as soon as every row has produced a stop token (or N tokens are out), so a
-     batch of short answers does not pay for the maximum length.
-
-Rows that have stopped keep running inside the batch (XLA shapes are static) but are fed a
-masked pad token, so their cache and positions do not move; their outputs after the stop
-token are `pad_token_id`, log-prob 0 and mask 0.
-
-Log-probs: `Samples.logprobs` is log softmax(logits / T) at the sampled token, *before* top-k
-and top-p truncation. That is the quantity PPO recomputes from a full forward pass of the
-policy (divide the logits by the same T), so the ratio of new to old log-probs is exactly 1
-before the first update; the truncated distribution that the token was actually drawn from
-would not match any recomputation. With T = 0 (greedy) the log-prob is under softmax(logits),
-i.e. T is taken as 1 for scoring.
-
-Randomness: every call needs a fresh key (reusing one key for every rollout makes every PPO
-batch sample the same noise). Derive it with `rollout_key(base_key, step)`; inside the program
-the key of decode step t is `fold_in(key, t)`. Random bits are drawn with JAX's partitionable
-threefry, so the same key gives the same tokens however the batch is sharded.
+`Samples.logprobs` are log softmax(logits / T) *before* top-k/top-p truncation: the quantity
+PPO recomputes from a full forward pass, so the first PPO ratio is exactly 1 (T = 0 scores
+with T = 1). Every call needs a fresh key (`rollout_key(base, step)`); decode step t uses
+`fold_in(key, t)`, with partitionable threefry, so sharding does not change the tokens.
 """
 
 from __future__ import annotations
@@ -47,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.models.transformer import KVCache, last_index
-from rlhf_jax.params import ModelDef
+from rlhf_jax.models.modeldef import ModelDef
 
 Params = Mapping[str, jax.Array]
 
@@ -92,6 +70,14 @@ class SamplingConfig:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, *, max_new_tokens: int, temperature: float, top_k: int = 0,
+                      top_p: float = 1.0, extra_stop_token_ids=()) -> "SamplingConfig":
+        """Stops at the tokenizer's EOS (and `extra_stop_token_ids`), pads with its pad id."""
+        stop = {int(i) for i in (tokenizer.eos_token_id, *extra_stop_token_ids) if i is not None}
+        return cls(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+                   top_p=float(top_p), stop_token_ids=tuple(sorted(stop)), pad_token_id=int(tokenizer.pad_token_id))
 
 
 @flax.struct.dataclass
@@ -195,21 +181,11 @@ def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_
              mesh: Mesh | None = None, rules: Mapping | None = None) -> Samples:
     """Samples up to `config.max_new_tokens` tokens per prompt. Pure; jit it (or use `make_generate`).
 
-    Args:
-      model_def: the static model definition (`ModelDef.split(model)[0]`); hashable, so it
-        may be a static argument.
-      params: `{dotted name: array}`, or a sequence of such dicts whose union names every
-        variable (e.g. the trainable and frozen parts from `ModelDef.split`).
-      prompt_ids_BP: int [B, P] prompts, left-padded (right padding also works: new tokens
-        are positioned after each row's real tokens); every row needs >= 1 real token.
-      prompt_mask_BP: int/bool [B, P], 1 on real prompt tokens.
-      key: a PRNG key, fresh for every call (`rollout_key`); unused when greedy.
-      config: the static `SamplingConfig`.
-      mesh, rules: when given, the KV cache is constrained to be sharded like the batch (and
-        kv heads over the tensor axis), instead of leaving its layout to the compiler.
-
-    Returns:
-      `Samples` with [B, N] tokens/logprobs/mask and [B] lengths/stopped.
+    `params`: a `{dotted name: array}` dict, or several whose union names every variable.
+    `prompt_ids_BP`: left-padded prompts (right padding works too), each with >= 1 real token.
+    `key`: fresh for every call (`rollout_key`). `mesh`, `rules`: when given, the KV cache is
+    constrained to be sharded like the batch (kv heads over the tensor axis).
+    Returns `Samples` with [B, N] tokens/logprobs/mask and [B] lengths/stopped.
     """
     model = model_def.merge(_merge_params(params))
     cfg = model.cfg
@@ -275,16 +251,6 @@ def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_
                    stopped=stopped_B, num_steps=steps)
 
 
-def param_shardings(model_def: ModelDef, mesh: Mesh, rules: Mapping | None = None) -> dict[str, NamedSharding]:
-    """{dotted name: NamedSharding} of every variable of the model, from its logical axes and
-    the rules: the layout `sharding.create_sharded` gives the parameters."""
-    from flax import nnx
-
-    state = nnx.from_flat_state(list(model_def.variables))
-    shardings = sharding_lib.state_shardings(state, mesh, rules)
-    return {".".join(map(str, path)): s for path, s in nnx.to_flat_state(shardings)}
-
-
 def make_generate(model_def: ModelDef, mesh: Mesh, config: SamplingConfig, *,
                   rules: Mapping | None = None) -> Callable[..., Samples]:
     """A jitted `generate` with explicit in/out shardings on `mesh`.
@@ -297,7 +263,7 @@ def make_generate(model_def: ModelDef, mesh: Mesh, config: SamplingConfig, *,
     (taking one merged params dict), e.g. for `.lower(...)`.
     """
     names = model_def.names
-    p_shardings = param_shardings(model_def, mesh, rules)
+    p_shardings = sharding_lib.param_shardings(model_def, mesh, rules)
     batch_2d = sharding_lib.batch_sharding(mesh, 2, rules)
     batch_1d = sharding_lib.batch_sharding(mesh, 1, rules)
     replicated = NamedSharding(mesh, P())

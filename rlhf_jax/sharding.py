@@ -166,3 +166,11 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> 
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh, rules)
     return nnx.merge(graphdef, jax.device_put(state, shardings))
+
+
+def param_shardings(model_def, mesh: Mesh, rules: Mapping | None = None) -> dict[str, NamedSharding]:
+    """{dotted name: NamedSharding} of every variable of a `ModelDef`: the layout
+    `create_sharded` gives the parameters."""
+    state = nnx.from_flat_state(list(model_def.variables))
+    shardings = state_shardings(state, mesh, rules)
+    return {".".join(map(str, path)): s for path, s in nnx.to_flat_state(shardings)}

@@ -16,7 +16,8 @@ from rlhf_jax import sharding
 from rlhf_jax.data import left_pad, load_tokenizer, preference_dataset
 from rlhf_jax.feedback import ComparisonStore, label_store
 from rlhf_jax.feedback.collect import collect_comparisons
-from rlhf_jax.feedback.labelers import RMLabeler
+from rlhf_jax import reward_model
+from rlhf_jax.feedback.rm_labeler import RMLabeler
 from rlhf_jax.models import load_pretrained
 from rlhf_jax.train.loop import run
 
@@ -149,7 +150,7 @@ def _direct_scores(rm_pair, prompt, responses):
 
 @nnx.jit
 def _reward(model, ids, mask):
-    return model.reward(ids, mask)
+    return reward_model.scores(model, ids, mask)
 
 
 def test_rm_labeler_ranks_by_rm_score(collected, rm_labeler, rm_pair):

@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from rlhf_jax import sharding  # noqa: E402
+from rlhf_jax import reward_model, sharding  # noqa: E402
 from rlhf_jax.models import KVCache, load_pretrained, save_pretrained  # noqa: E402
 
 VOCAB = 96
@@ -132,12 +132,12 @@ def test_reward_and_value_heads_round_trip(tmp_path, single_mesh):
     ids, mask, _ = _left_padded_batch(np.random.default_rng(3))
     rm.reward_gain.set_value(jnp.asarray(2.0))
     rm.reward_bias.set_value(jnp.asarray(-0.5))
-    scores = np.asarray(rm.reward(ids, mask))
+    scores = np.asarray(reward_model.scores(rm, ids, mask))
     assert scores.shape == (len(LENGTHS),)
     out = save_pretrained(rm, tmp_path / "rm")
     again = load_pretrained(out, mesh=single_mesh)
     assert again.heads == ("reward",)
-    np.testing.assert_allclose(np.asarray(again.reward(ids, mask)), scores, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(reward_model.scores(again, ids, mask)), scores, atol=1e-6)
 
     # A value head starts at zero (OpenAI's init) on the policy trunk.
     policy = load_pretrained(path, heads=("lm", "value"), mesh=single_mesh)

@@ -432,3 +432,18 @@ def test_kl_controller_fixed_and_adaptive():
                           ("horizon", dict(horizon=0))]:
         with pytest.raises(ValueError, match=field):
             core.KLController(**kwargs)
+
+
+# ------------------------------------------------------------- final scores
+
+
+@pytest.mark.parametrize("penalty", [None, -1.0])
+def test_final_scores_matches_reference(rng, penalty):
+    rm = rng.normal(size=B).astype(np.float32)
+    fn = rng.normal(size=B).astype(np.float32)
+    stopped = np.array([True, False, True, False, True])
+    got = np.asarray(jax.jit(core.final_scores, static_argnames=("rm_weight", "missing_eos_penalty"))(
+        rm, fn, stopped, rm_weight=0.5, missing_eos_penalty=penalty))
+    want = [0.5 * float(r) + float(f) if (s or penalty is None) else penalty for r, f, s in zip(rm, fn, stopped)]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)

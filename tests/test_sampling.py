@@ -18,7 +18,7 @@ from flax import nnx
 
 from rlhf_jax import sharding
 from rlhf_jax.models import ModelConfig, Transformer
-from rlhf_jax.params import ModelDef
+from rlhf_jax.models import ModelDef
 from rlhf_jax.sampling import SamplingConfig, Samples, make_generate, rollout_key
 
 VOCAB = 32

@@ -14,6 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from rlhf_jax.config_defaults import base_config
+from rlhf_jax import reward_model
 from rlhf_jax.train.logging import read_metrics
 from rlhf_jax.train.loop import run
 
@@ -149,7 +150,7 @@ def test_rm_learns_preferences_and_is_normalised(data_dir, tmp_path):
     scores = []
     for b in data_lib.batches(held_out, max_responses=8, max_pairs=4, shuffle=False, drop_last=False):
         real = b["attention_mask"].sum(-1) > 0
-        scores.append(np.asarray(rm.reward(b["input_ids"], b["attention_mask"]))[real])
+        scores.append(np.asarray(reward_model.scores(rm, b["input_ids"], b["attention_mask"]))[real])
     scores = np.concatenate(scores)
     assert abs(scores.mean()) < 1e-3 and abs(scores.std() - 1) < 1e-3
 

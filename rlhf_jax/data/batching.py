@@ -1,45 +1,16 @@
-"""Fixed-shape, LEFT-padded numpy batches and a resumable, multi-host batch iterator.
+"""Fixed-shape, left-padded numpy batches and a resumable, multi-host batch iterator.
 
-Every batch is left-padded: the last real token of a row sits at index T−1, pad tokens
-(`pad_id`, attention_mask 0) fill the front, and the model derives positions as
-cumsum(attention_mask) − 1. Shapes never change within a run, so a jitted step compiles once.
+Left padding puts every row's last real token at T−1; shapes never change, so a jitted step
+compiles once. Batches: SFT `input_ids`, `attention_mask` [B, T] and `loss_mask` [B, T] (a
+loss reads logits[:, :-1] against input_ids[:, 1:] weighted by loss_mask[:, 1:]); preference
+`input_ids`, `attention_mask` [N, T] (one row per response) with `chosen_idx`,
+`rejected_idx`, `margin`, `pair_mask` [P] (indices into the *global* batch; whole prompt
+groups are packed, InstructGPT-style); prompt `input_ids`, `attention_mask` [B, Tq] and
+`index` [B] (−1 for a padding row). Padding rows are all pad with masks 0.
 
-Batch dicts (numpy arrays):
-  SFT:        input_ids int32[B, T], attention_mask int32[B, T] (1 = real token),
-              loss_mask float32[B, T] (1 where token t is a target; its prediction comes
-              from position t−1, so a loss uses logits[:, :-1] against input_ids[:, 1:]
-              weighted by loss_mask[:, 1:]).
-  preference: input_ids int32[N, T], attention_mask int32[N, T]: one row per response
-              (prompt + response + EOS); chosen_idx, rejected_idx int32[P]: rows of the
-              GLOBAL batch; margin float32[P]; pair_mask float32[P] (0 = padding pair,
-              whose indices are 0).
-  prompt:     input_ids int32[B, Tq], attention_mask int32[B, Tq], index int32[B] (the
-              example's index in the dataset, −1 for a padding row; `prompt_texts` maps it
-              to the prompt text for logging).
-Padding rows (unused response slots, or the filler of a padded last batch) are all pad
-with attention_mask all 0 and loss_mask 0. Code that reads such a row (a softmax over an
-all-masked row, or "the last real token") must mask the result — pair_mask / loss_mask /
-index ≥ 0 say which results count.
-
-Preference batches (InstructGPT grouping): whole prompt groups are packed, in the epoch's
-order, into a batch until adding the next group would exceed `max_responses` (N) response
-slots or `max_pairs` (P) pair slots; then a new batch starts. A group that alone exceeds N
-or P raises a ValueError naming its first row (`preference_dataset(..., max_responses=,
-max_pairs=)` catches this at load time, where it can also be skipped).
-
-Epochs and resuming: the order of epoch e is a permutation drawn from
-`np.random.default_rng([seed, e])`, so it depends only on (seed, epoch) and changes every
-epoch. Steps are counted globally across epochs from 0; `start_step=s` yields exactly the
-batches from step s on, without building the skipped ones. `drop_last=True` drops the last
-batch of each epoch if it is partial — for SFT/prompt data the final `n mod B` examples,
-for preference data the final packed batch (the one holding the leftover groups). With
-`drop_last=False` the last SFT/prompt batch is filled with padding rows instead.
-
-Multi-host: every process computes the same GLOBAL batch and yields its contiguous slice
-along the leading axis of every array — rows [i·B/n, (i+1)·B/n) for process i of n (and
-likewise for N and P). The slices concatenate to the global batch, which is what
-`jax.make_array_from_process_local_data` expects; chosen_idx/rejected_idx stay indices into
-the global response axis. B (or N and P) must be divisible by the process count.
+Epoch e's order is a permutation from `default_rng([seed, e])`, steps count globally, and
+`start_step=s` resumes exactly at step s. Process i of n yields rows [i·B/n, (i+1)·B/n) of
+every global batch.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import datasets
+
 _log = logging.getLogger(__name__)
 
 # File name endings → `datasets` packaged builder. Compressed JSON is handled by `datasets`.
@@ -149,8 +151,6 @@ def _looks_local(path: str) -> bool:
 
 
 def _load_file(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
-    import datasets  # slow to import; only needed when reading files
-
     builder = _builder(path)
     if builder is None:
         raise ValueError(f"{path}: unsupported file type; supported endings: {', '.join(SUPPORTED_SUFFIXES)}")
@@ -184,7 +184,6 @@ def load_records(path: Any, *, split: str = "train", cache_dir: str | None = Non
         rows = _load_file(p, cache_dir)
         return Records(rows=rows, source=name, files=((name, len(rows)),))
     if p.is_dir():
-        import datasets
 
         if (p / "state.json").exists() or (p / "dataset_dict.json").exists():
             ds = datasets.load_from_disk(str(p))
@@ -209,7 +208,6 @@ def load_records(path: Any, *, split: str = "train", cache_dir: str | None = Non
 
 
 def _load_hub(name: str, split: str, cache_dir: str | None) -> Records:
-    import datasets
 
     try:
         ds = datasets.load_dataset(name, split=split, cache_dir=cache_dir)

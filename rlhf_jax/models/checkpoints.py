@@ -18,8 +18,11 @@ from typing import Mapping
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from safetensors.numpy import load_file, save_file
 
 from rlhf_jax import sharding as sharding_lib
+from rlhf_jax.models import gguf
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import Transformer
 
@@ -83,8 +86,6 @@ def _dotted(path: tuple) -> str:
 # --------------------------------------------------------------------------- reading
 def _read_tensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a HF model directory (single or sharded safetensors, or pytorch_model.bin)."""
-    from safetensors.numpy import load_file
-
     index = path / "model.safetensors.index.json"
     if index.exists():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -192,8 +193,6 @@ def load_pretrained(path: str | os.PathLike, *, heads: tuple[str, ...] | None = 
         heads = tuple(meta.get("heads", ("lm",)))
     flat = hf_to_flat(_read_tensors(path), cfg, source=str(path))
     if (path / HEADS_FILE).exists():
-        from safetensors.numpy import load_file
-
         for name, arr in load_file(path / HEADS_FILE).items():
             key = tuple(int(p) if p.isdigit() else p for p in name.split("."))
             if key[0].split("_")[0] in heads:
@@ -234,8 +233,6 @@ def model_from_flat(cfg: ModelConfig, flat: Mapping[tuple, np.ndarray], *, heads
 # --------------------------------------------------------------------------- writing
 def to_host(x: jax.Array) -> np.ndarray:
     if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(jax.device_get(x))
 
@@ -251,8 +248,6 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=No
 
     Collective across processes (every process must call it); only process 0 writes.
     """
-    from safetensors.numpy import save_file
-
     out_dir = Path(out_dir)
     flat = model_to_flat(model)
     if jax.process_index() != 0:
@@ -283,8 +278,6 @@ def load_gguf(path: str | os.PathLike | None = None, *, heads: tuple[str, ...] =
     Quantised tensors are dequantised to float32 (then cast to `param_dtype`); the tokenizer
     and its chat template are rebuilt from the file's metadata.
     """
-    from rlhf_jax.models import gguf
-
     path = Path(path) if path is not None else gguf.find_smollm2_gguf()
     hf_config, tensors, tokenizer = gguf.read_gguf(path)
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}

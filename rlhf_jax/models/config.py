@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+import transformers
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = ("gpt2",) + LLAMA_LIKE
@@ -184,8 +185,6 @@ class ModelConfig:
 
     def to_hf(self):
         """The equivalent transformers config, for `save_pretrained`."""
-        import transformers
-
         common = dict(
             vocab_size=self.vocab_size,
             bos_token_id=self.bos_token_id,

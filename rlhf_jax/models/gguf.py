@@ -327,6 +327,27 @@ def _split_merges(merges: Sequence[str], meta: _Metadata) -> list[tuple[str, str
     return pairs
 
 
+def _post_processor(meta: _Metadata, bos: str | None, eos: str | None, vocab: dict[str, int]):
+    """BOS/EOS added as the file says. `tokenizer.ggml.add_space_prefix` applies only to
+    SentencePiece models in llama.cpp, so it is ignored here."""
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
+    if not (add_bos or add_eos):
+        return processors.ByteLevel(trim_offsets=False)
+
+    def template(piece: str, type_id: int) -> str:
+        parts = [f"{bos}:{type_id}"] if add_bos else []
+        parts.append(f"{piece}:{type_id}")
+        parts += [f"{eos}:{type_id}"] if add_eos else []
+        return " ".join(parts)
+
+    return processors.TemplateProcessing(
+        single=template("$A", 0),
+        pair=f"{template('$A', 0)} {template('$B', 1)}",
+        special_tokens=[(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on],
+    )
+
+
 def _build_tokenizer(
     meta: _Metadata, config: transformers.LlamaConfig
 ) -> transformers.PreTrainedTokenizerFast:
@@ -374,25 +395,7 @@ def _build_tokenizer(
     else:
         backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
-    # `tokenizer.ggml.add_space_prefix` only applies to SentencePiece models in llama.cpp,
-    # so it is ignored here; add_bos/add_eos are honoured with a template.
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-    if add_bos or add_eos:
-
-        def template(piece: str, type_id: int) -> str:
-            parts = [f"{bos}:{type_id}"] if add_bos else []
-            parts.append(f"{piece}:{type_id}")
-            parts += [f"{eos}:{type_id}"] if add_eos else []
-            return " ".join(parts)
-
-        backend.post_processor = processors.TemplateProcessing(
-            single=template("$A", 0),
-            pair=f"{template('$A', 0)} {template('$B', 1)}",
-            special_tokens=[(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on],
-        )
-    else:
-        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    backend.post_processor = _post_processor(meta, bos, eos, vocab)
 
     # CONTROL tokens (and the named ones) must never be split by BPE and are skipped by
     # decode(skip_special_tokens=True); USER_DEFINED ones are matched whole but kept.

@@ -232,7 +232,8 @@ class Transformer(nnx.Module):
       * `value`: a scalar per token (PPO critic), init zeros as in OpenAI's code.
 
     Call `model(input_ids, attention_mask)` for LM logits; `hidden` + the head methods for
-    everything else (one trunk pass can feed several heads).
+    everything else (one trunk pass can feed several heads); `reward_model.scores` for an
+    RM's score.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, heads: tuple[str, ...] = ("lm",)):
@@ -329,12 +330,6 @@ class Transformer(nnx.Module):
         if self.reward_head is None:
             raise ValueError("this model was built without a reward head (heads=%r)" % (self.heads,))
         return self.reward_head(h_BTD)[..., 0].astype(jnp.float32)
-
-    def reward(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array) -> jax.Array:
-        """Normalised scalar reward [B] read at the last real token of each row."""
-        h_BTD, _ = self.hidden(input_ids_BT, attention_mask_BT)
-        raw_B = gather_last(self.raw_rewards(h_BTD), attention_mask_BT)
-        return self.reward_gain[...] * raw_B + self.reward_bias[...]
 
     def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
                  positions_BT: jax.Array | None = None, cache: KVCache | None = None):

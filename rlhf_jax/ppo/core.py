@@ -1,20 +1,9 @@
-"""PPO algorithm pieces as small pure functions of arrays.
+"""PPO pieces as small pure functions of arrays (jit-able, no hidden state).
 
-Everything here is jit-able: no Python control flow on array values, no globals,
-no hidden state. Shapes use suffixes: B batch, T response length, V vocabulary.
-
-Masks (`mask_BxT`) are 0/1 (bool or numeric): 1 for real response tokens, up to
-and including the stop token, then 0 for padding after the stop. Functions read
-masked-out entries of their inputs only through `jnp.where`, so padding may hold
-anything (even inf or nan, e.g. log-probs of pad tokens) without leaking into
-results.
-
-Reductions are global: `masked_mean(x_BxT, mask_BxT)` averages over every real
-token of the batch. When the batch is sharded across devices and the function is
-called under `jax.jit`, XLA inserts the cross-device all-reduce for such a
-reduction itself, so whitening and losses are over the whole (global) batch, not
-per device, and no `axis_name` is needed. (Only inside `shard_map`, where code
-sees the local shard, would an explicit `lax.psum` be required.)
+Shapes: B batch, T response length, V vocabulary. Masks are 0/1, 1 on real response tokens
+up to and including the stop token; masked entries are read only through `jnp.where`, so
+padding may hold nan or inf. Reductions are over the whole batch: under `jax.jit` with a
+sharded batch XLA all-reduces them, so whitening and losses are global, not per device.
 """
 
 from __future__ import annotations
@@ -35,6 +24,7 @@ __all__ = [
     "compute_rewards",
     "entropy_from_logits",
     "explained_variance",
+    "final_scores",
     "gae",
     "kl_k1",
     "kl_k3",
@@ -216,6 +206,24 @@ def compute_rewards(
     scores_B = _float(scores_B)
     rewards = -beta * kl + jnp.where(last_token_onehot(m), scores_B[:, None], 0.0)
     return KLPenalizedRewards(rewards=rewards, kl=kl, kl_k1=k1, kl_k3=k3)
+
+
+def final_scores(
+    rm_scores_B: Array,
+    function_scores_B: Array,
+    stopped_B: Array,
+    rm_weight: float = 1.0,
+    missing_eos_penalty: float | None = None,
+) -> Array:
+    """The score each response is rewarded with at its last token [B], float32.
+
+    `rm_weight · RM score + weighted reward functions`; with `missing_eos_penalty` set, a
+    response that never stopped scores that value instead (OpenAI's choice; TRL subtracts).
+    """
+    total = rm_weight * _float(rm_scores_B) + _float(function_scores_B)
+    if missing_eos_penalty is not None:
+        total = jnp.where(jnp.asarray(stopped_B).astype(bool), total, missing_eos_penalty)
+    return total.astype(jnp.float32)
 
 
 # --------------------------------------------------------------------------

@@ -1,19 +1,9 @@
-"""The PPO update as pure functions of the policy, reference, reward and value parameters.
+"""One PPO iteration's programs as pure functions of the policy, reference, reward-model and
+critic parameters: `score_rollout` (old log-probs, values, reference log-probs and RM scores
+of a sampled batch) and `ppo_update` (rewards, GAE, E epochs × M minibatches, β update).
 
-Shape suffixes: B rollout batch, Q query (prompt) length, R response length (the sampler's
-max_new_tokens), V vocabulary, M minibatches, E epochs.
-
-One PPO iteration is:
-  1. `generate` (rlhf_jax.sampling) samples responses from the policy;
-  2. `score_rollout` runs the policy, the reference and the RM once over prompt+response:
-     old log-probs and values, reference log-probs (logits divided by the sampling
-     temperature, or the KL grows far too fast), and the RM score at the last real token;
-  3. `ppo_update` turns scores into per-token KL-penalised rewards, advantages by GAE (a
-     reverse scan), whitened over the whole global batch, then runs E epochs × M minibatches
-     with a fresh shuffle each epoch — all inside one jitted program — and moves the KL
-     coefficient with the adaptive controller.
-Every array the programs read (reference, RM, critic parameters, β, the key) is an argument,
-never a closed-over constant.
+Shapes: B rollout batch, Q query length, R response length, V vocabulary. Log-probs divide
+the logits by the sampling temperature, or the KL grows far too fast.
 """
 
 from __future__ import annotations
@@ -25,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax.models import Transformer, gather_last
-from rlhf_jax.params import ModelDef
+from rlhf_jax import reward_model
+from rlhf_jax.models import ModelDef, Transformer
 from rlhf_jax.ppo import core
 from rlhf_jax.sft import sft_loss, token_logprobs
 
@@ -45,8 +35,7 @@ class PPOHyperparams:
     lam: float = 0.95
     kl_estimator: str = "k1"
     whiten_rewards: bool = False
-    kl_target: float | None = None  # None: fixed β
-    kl_horizon: float = 10000.0
+    kl: core.KLController = core.KLController()  # fixed β unless it has a target
     ptx_coef: float = 0.0
     critic: str = "shared"  # "shared": value head on the policy trunk; "separate": own model
 
@@ -123,10 +112,8 @@ def score_rollout(defs: dict, ref_def: ModelDef, rm_def: ModelDef | None, hp: PP
     ref = ref_def.merge(ref_params)
     ref_logp, _, _ = response_logprobs_and_hidden(ref, ids_BT, mask_BT, q, hp.temperature)
     if rm_def is not None:
-        rm = rm_def.merge(rm_params)
-        h_rm, _ = rm.hidden(ids_BT, mask_BT)
         # The last real token of prompt+response is the stop token (or the last one sampled).
-        rm_scores = rm.reward_gain[...] * gather_last(rm.raw_rewards(h_rm), mask_BT) + rm.reward_bias[...]
+        rm_scores = reward_model.scores(rm_def.merge(rm_params), ids_BT, mask_BT)
     else:
         rm_scores = jnp.zeros(ids_BT.shape[0], jnp.float32)
     mask = response_mask.astype(jnp.float32)
@@ -191,9 +178,7 @@ def ppo_update(defs: dict, hp: PPOHyperparams, tx: optax.GradientTransformation,
     seq_kl_k1 = (penalised.kl_k1 * mask).sum(-1)
     seq_kl_k3 = (penalised.kl_k3 * mask).sum(-1)
     mean_kl = (penalised.kl * mask).sum(-1).mean()
-    beta = state.beta
-    if hp.kl_target is not None:
-        beta = core.adaptive_kl_update(beta, mean_kl, b, target=hp.kl_target, horizon=hp.kl_horizon)
+    beta = hp.kl.update(state.beta, mean_kl, b)
     non_score = (-state.beta * penalised.kl * mask).sum(-1)
     metrics = {k: v.mean() for k, v in stats.items()}
     metrics["approx_kl_last_epoch"] = stats["approx_kl"][-m:].mean()

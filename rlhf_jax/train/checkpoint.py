@@ -11,6 +11,8 @@ from pathlib import Path
 import jax
 import orbax.checkpoint as ocp
 
+from rlhf_jax.train.logging import drop_metrics_after
+
 
 class Checkpointer:
     def __init__(self, directory: Path, keep: int = 3, async_save: bool = True):
@@ -51,8 +53,6 @@ def resume(ckpt: Checkpointer, state, workdir: Path, unit: str = "step"):
     start = int(ckpt.latest_step())
     state = ckpt.restore(state)
     if jax.process_index() == 0:
-        from rlhf_jax.train.logging import drop_metrics_after
-
         print(f"resuming from {Path(workdir) / 'checkpoints'} at {unit} {start}")
         drop_metrics_after(workdir, start)
     return state, start

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 
 from rlhf_jax.fileio import atomic_write_text
 
@@ -35,8 +36,6 @@ class MetricWriter:
         self.path = Path(workdir) / "metrics.jsonl"
         self.tb = None
         if self.enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> dict:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from rlhf_jax.params import ModelDef
+from rlhf_jax.models import ModelDef
 
 # loss_fn(model, micro_batch) -> (objective_sum, normaliser, {metric: (sum, count)})
 LossFn = Callable
@@ -128,21 +128,14 @@ def state_shardings(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, state)
 
 
-def batch_shardings(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
-    """Stacked batch [A, B, ...]: the accumulation axis replicated, B over the batch axes."""
-    return {k: NamedSharding(mesh, P(None, batch_axes, *([None] * (v.ndim - 2)))) for k, v in batch.items()}
-
-
-def jit_step(step, state: TrainState, example_batch: dict, mesh, donate: bool = True):
+def jit_step(step, state: TrainState, batch_shardings: dict, mesh, donate: bool = True):
     """jax.jit with explicit in/out shardings; the state is donated (updated in place)."""
     s_sh = state_shardings(state)
-    b_sh = batch_shardings(example_batch, mesh)
     replicated = NamedSharding(mesh, P())
-    return jax.jit(step, in_shardings=(s_sh, b_sh), out_shardings=(s_sh, replicated),
+    return jax.jit(step, in_shardings=(s_sh, batch_shardings), out_shardings=(s_sh, replicated),
                    donate_argnums=(0,) if donate else ())
 
 
-def jit_eval_step(eval_step, state: TrainState, example_batch: dict, mesh):
-    s_sh = state_shardings(state)
-    b_sh = batch_shardings(example_batch, mesh)
-    return jax.jit(eval_step, in_shardings=(s_sh, b_sh), out_shardings=NamedSharding(mesh, P()))
+def jit_eval_step(eval_step, state: TrainState, batch_shardings: dict, mesh):
+    return jax.jit(eval_step, in_shardings=(state_shardings(state), batch_shardings),
+                   out_shardings=NamedSharding(mesh, P()))

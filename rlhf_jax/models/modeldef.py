@@ -1,17 +1,15 @@
-"""Splitting an NNX model into plain dicts of arrays for pure, jitted train steps.
+"""`ModelDef`: an NNX model split into its static structure and flat dicts of arrays.
 
-A train step must take everything as arguments (no closed-over arrays), and its state must be
-checkpointable and shardable. Flat dicts keyed by dotted parameter names
-(`layers.0.attn.q.kernel`) are all of that, and the same names are what a user's freeze
-regex matches. `ModelDef` keeps the static rest (graph, variable types and metadata) so the
-model can be rebuilt inside the step.
+Pure jitted steps take every array as an argument; flat dicts keyed by dotted names
+(`layers.0.attn.q.kernel`) are checkpointable, shardable, and what a freeze regex matches.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
-from typing import Mapping
+from typing import Callable, Hashable, Mapping
 
 import jax
 from flax import nnx
@@ -67,3 +65,32 @@ class ModelDef:
 
 def count(params: Mapping[str, jax.Array]) -> int:
     return int(sum(x.size for x in params.values()))
+
+
+def _structure_key(model_def: ModelDef) -> tuple:
+    # What a compiled program depends on besides its inputs: the graph (it holds the
+    # ModelConfig) and each variable's type, shape, dtype and metadata (logical axes).
+    return model_def.graphdef, tuple(
+        (path, type(var).__name__, tuple(var.get_value().shape), str(var.get_value().dtype),
+         repr(sorted(var.get_metadata().items()))) for path, var in model_def.variables)
+
+
+_PROGRAMS: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_MAX_PROGRAMS = 8
+
+
+def cached_program(name: str, model_def: ModelDef, mesh, settings: Hashable,
+                   build: Callable[[], Callable]) -> Callable:
+    """`build()` (a jitted function of params and inputs), memoised by model structure.
+
+    Every checkpoint load gives a new `ModelDef`; a jit keyed on it would compile again,
+    though the program depends only on the architecture. The 8 most recent are kept.
+    """
+    key = (name, _structure_key(model_def), mesh, settings)
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    fn = _PROGRAMS[key] = build()
+    while len(_PROGRAMS) > _MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return fn
