@@ -9,7 +9,8 @@
 
 Modules: `records` (reading rows, bad-row policy), `tokenizer`, `formats` (row formats →
 text), `examples` (tokenization, truncation, datasets, split), `batching` (batches,
-iteration, multi-host slicing). Keyword arguments match the config fields: path, format,
+iteration, multi-host slicing), `pretrain` (stage 0: raw text packed into fixed-length
+blocks, shuffled, resumable). Keyword arguments match the config fields: path, format,
 max_length, max_prompt_length, on_bad_row, eval_fraction, seed, batch_size, max_responses,
 max_pairs.
 """
@@ -27,12 +28,28 @@ from rlhf_jax.data.examples import (
     truncation_lengths,
 )
 from rlhf_jax.data.formats import PREFERENCE_FORMATS, PROMPT_FORMATS, SFT_FORMATS, split_implicit_prompt
+from rlhf_jax.data.pretrain import (
+    BlockIterator,
+    Documents,
+    PackReport,
+    PretrainBatches,
+    document_tokens,
+    load_documents,
+    pack_blocks,
+    pack_report,
+    shuffle_blocks,
+    split_documents,
+    unigram_cross_entropy,
+)
 from rlhf_jax.data.records import BadRowError, LoadReport, Records, load_records
 from rlhf_jax.data.tokenizer import DEFAULT_CHAT_TEMPLATE, byte_tokenizer, load_tokenizer
 
 __all__ = [
-    "BadRowError", "DEFAULT_CHAT_TEMPLATE", "Dataset", "LoadReport", "PREFERENCE_FORMATS", "PROMPT_FORMATS",
-    "PreferenceGroup", "PromptExample", "Records", "SFTExample", "SFT_FORMATS", "batches", "byte_tokenizer",
-    "left_pad", "load_records", "load_tokenizer", "num_batches", "pack_groups", "preference_dataset",
-    "prompt_dataset", "prompt_texts", "sft_dataset", "split", "split_implicit_prompt", "truncation_lengths",
+    "BadRowError", "BlockIterator", "DEFAULT_CHAT_TEMPLATE", "Dataset", "Documents", "LoadReport",
+    "PREFERENCE_FORMATS", "PROMPT_FORMATS", "PackReport", "PreferenceGroup", "PretrainBatches",
+    "PromptExample", "Records", "SFTExample", "SFT_FORMATS", "batches", "byte_tokenizer",
+    "document_tokens", "left_pad", "load_documents", "load_records", "load_tokenizer", "num_batches",
+    "pack_blocks", "pack_groups", "pack_report", "preference_dataset", "prompt_dataset", "prompt_texts",
+    "sft_dataset", "shuffle_blocks", "split", "split_documents", "split_implicit_prompt",
+    "truncation_lengths", "unigram_cross_entropy",
 ]
