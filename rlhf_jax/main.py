@@ -1,4 +1,5 @@
-"""Command line: `python -m rlhf_jax.main --config configs/X.py[:variant] --workdir DIR`.
+"""Command line: `python -m rlhf_jax.main --config FILE.py[:arg] --workdir DIR`, FILE.py a stage
+config (configs/sft.py, rm.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
 
 Any config field can be overridden: `--config.optimizer.lr=1e-5 --config.train.num_steps=100`.
 Re-running with the same workdir resumes from its latest checkpoint.
@@ -9,7 +10,7 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py or experiments/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.")
 flags.mark_flags_as_required(["config", "workdir"])
