@@ -6,14 +6,22 @@
 The RM is the LM with its output layer replaced by a scalar head read at the last token; after
 training its scores are normalised (mean 0, std 1 on the held-out responses) and the gain and
 bias are saved with it. To start from an SFT run: --config.model.init=pretrained
---config.model.path=runs/sft/model
+--config.model.path=runs/sft/model. Variants: `tiny` (default), `smollm2` (see
+experiments/rm_hh_smollm2.py).
 """
 
-from rlhf_jax.config_defaults import base_config
+from pathlib import Path
+
+from rlhf_jax.config_lib import load_config, parse_arg
+
+VARIANTS = ("tiny", "smollm2")
 
 
-def get_config(variant: str = "tiny"):
-    c = base_config()
+def get_config(arg=None):
+    arg = parse_arg(arg, variant="tiny")
+    if arg.variant not in VARIANTS:
+        raise ValueError(f"configs/rm.py: unknown variant {arg.variant!r} ({', '.join(VARIANTS)})")
+    c = load_config(Path(__file__).resolve().parent / "common.py")
     c.stage = "rm"
     c.data.path = "../shared/data/hh_rlhf_harmless_dev.jsonl.gz"
     c.data.on_bad_row = "skip"  # 4 rows of this file have an empty chosen response
@@ -27,7 +35,7 @@ def get_config(variant: str = "tiny"):
     c.train.eval_every = 50
     c.train.log_every = 10
     c.train.checkpoint_every = 50
-    if variant == "smollm2":
+    if arg.variant == "smollm2":
         # Sized for 2 CPU cores (about an hour): 150 steps of 8 pairs, the last user turn and
         # the response kept (prompts are cut from the left), the top 4 of 30 layers trained.
         c.model.init = "gguf"
@@ -42,6 +50,4 @@ def get_config(variant: str = "tiny"):
         c.train.eval_every = 75
         c.train.log_every = 5
         c.train.checkpoint_every = 25
-    elif variant != "tiny":
-        raise ValueError(f"configs/rm.py: unknown variant {variant!r} (tiny, smollm2)")
     return c

@@ -1,4 +1,5 @@
-"""Command line: `python -m rlhf_jax.main --config FILE.py[:arg] --workdir DIR`.
+"""Command line: `python -m rlhf_jax.main --config FILE.py[:arg] --workdir DIR`, FILE.py a stage
+config (configs/sft.py, rm.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
 
 Any config field can be overridden (`--config.optimizer.lr=1e-5`); re-running with the same
 workdir resumes from the latest checkpoint.
@@ -14,7 +15,7 @@ from rlhf_jax.pipeline import run_rlhf
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.train.loop import run as run_stage
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:arg]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py or experiments/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -1,6 +1,6 @@
 """The whole RLHF loop: SFT → (collect comparisons → label → RM → PPO) × rounds → evaluation.
 
-    python -m rlhf_jax.main --config configs/quickstart.py --workdir runs/quickstart
+    python -m rlhf_jax.main --config experiments/quickstart.py --workdir runs/quickstart
 
 Layout of the workdir:
   data/            the task's demonstrations and prompts (built in: nothing is downloaded)

@@ -1,11 +1,11 @@
 """Iterated rounds of the RLHF pipeline (mechanics, on a cut-down quickstart)."""
 
 import json
-import runpy
 from pathlib import Path
 
 import pytest
 
+from rlhf_jax.config_lib import load_config
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.pipeline import run_rlhf
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow  # ~2 minutes; the default suite covers every stage through the quickstart
 def test_two_rounds_collect_label_retrain_and_continue(tmp_path, capsys):
-    cfg = runpy.run_path(str(ROOT / "configs" / "quickstart.py"))["get_config"]("rounds=2")
+    cfg = load_config(ROOT / "experiments" / "quickstart.py", "rounds=2")
     cfg.mesh.num_devices = 1
     cfg.update_from_flattened_dict({
         "data.num_demos": 64, "data.num_train_prompts": 32, "data.num_eval_prompts": 8,

@@ -2,14 +2,17 @@
 large fixed β keeps the policy at the reference; PPO-ptx and the separate critic run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rlhf_jax.config_defaults import ppo_config
+from rlhf_jax.config_lib import load_config
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.reward_functions import count_substring
 from rlhf_jax.train.logging import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +25,7 @@ def prompts(tmp_path_factory):
 
 
 def tiny_ppo_config(prompts, **changes):
-    c = ppo_config()
+    c = load_config(ROOT / "configs" / "ppo.py")
     c.model.init = "tiny"
     c.model.tiny.update(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64))
     c.data.path = str(prompts / "prompts.jsonl")

@@ -1,6 +1,6 @@
 """The main job: the whole RLHF pipeline on the built-in task, as a newcomer runs it.
 
-Runs `python -m rlhf_jax.main --config configs/quickstart.py` once per module (about three
+Runs `python -m rlhf_jax.main --config experiments/quickstart.py` once per module (about three
 minutes on 2 cores) and checks that the gold score rises clearly from SFT to PPO; then PPO
 from `configs/ppo.py` on the quickstart's SFT policy and learned RM.
 """
@@ -29,7 +29,7 @@ def _cli(args, timeout=900):
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("quickstart")
-    out = _cli(["--config", "configs/quickstart.py", "--workdir", str(workdir)])
+    out = _cli(["--config", "experiments/quickstart.py", "--workdir", str(workdir)])
     assert out.returncode == 0, out.stderr[-4000:]
     return workdir, out.stdout
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from rlhf_jax.config_defaults import base_config
 from rlhf_jax import reward_model
+from rlhf_jax.config_lib import load_config
 from rlhf_jax.train.logging import read_metrics
 from rlhf_jax.train.loop import run
 
@@ -42,7 +42,7 @@ def data_dir(tmp_path_factory):
 
 
 def tiny_config(stage, data_path, **changes):
-    c = base_config()
+    c = load_config(ROOT / "configs" / "common.py")  # the base fields every stage has
     c.stage = stage
     c.model.tiny.update(dict(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64))
     c.data.path = str(data_path)

@@ -1,0 +1,91 @@
+"""The whole RLHF pipeline on a built-in task, in under three minutes on 2 CPU cores.
+
+    python -m rlhf_jax.main --config experiments/quickstart.py --workdir runs/quickstart
+
+A tiny byte-level model learns, from imperfect demonstrations, to describe things with
+adjectives (SFT); its samples are compared in pairs by a simulated labeler who prefers kind
+words and errs 10% of the time; a reward model learns those preferences; PPO optimises the
+policy against it with a KL penalty to the SFT model. The gold scorer is read only by the
+labeler and by the final evaluation. The stages are configs/sft.py, rm.py and ppo.py with
+the fields below changed (the pipeline sets each stage's data path and starting model).
+Variants: `experiments/quickstart.py:rounds=2`.
+
+What it printed (seed 0; 147 s of pipeline, 2.5 minutes in all, on 2 CPU cores):
+
+| policy | gold score | RM accuracy | KL to SFT (nats) |
+|--------|-----------:|------------:|-----------------:|
+| SFT    |     +0.073 |             |                0 |
+| PPO    |     +0.994 |       0.750 |             7.81 |
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from rlhf_jax.config_lib import load_config, parse_arg
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _sft() -> ml_collections.ConfigDict:
+    c = load_config(CONFIGS / "sft.py")
+    c.data.path = ""  # the task's demonstrations, written by the pipeline
+    c.model.tiny.mlp_dim = 192
+    c.tokenizer = "byte"
+    c.data.max_length = 64
+    c.data.eval_fraction = 0.05
+    c.optimizer.lr = 3e-3
+    c.optimizer.warmup_steps = 20
+    c.train.batch_size = 64
+    c.train.num_steps = 400  # about 12 epochs: the model must spell the words before comparisons mean anything
+    c.train.eval_every = 0
+    c.train.log_every = 10
+    c.train.checkpoint_every = 50
+    return c
+
+
+def _rm() -> ml_collections.ConfigDict:
+    c = load_config(CONFIGS / "rm.py")
+    c.data.path = ""  # the round's comparisons, exported by the pipeline
+    c.data.max_length = 64
+    # data.on_bad_row stays "skip": a pair of identical samples carries no preference.
+    c.rm.max_responses = 64
+    c.rm.max_pairs = 32
+    c.optimizer.lr = 1e-3
+    c.train.num_epochs = 4
+    c.train.eval_every = 0
+    return c
+
+
+def _ppo() -> ml_collections.ConfigDict:
+    c = load_config(CONFIGS / "ppo.py")
+    c.data.path = ""  # the task's prompts, written by the pipeline
+    c.data.max_prompt_length = 24
+    c.sampling.max_new_tokens = 40
+    c.ppo.num_updates = 40
+    c.ppo.batch_size = 64
+    c.ppo.init_beta = 0.05
+    c.ppo.kl_target = 0.0
+    c.optimizer.lr = 1e-3
+    c.train.checkpoint_every = 20
+    return c
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, rounds=1)
+    c = ml_collections.ConfigDict()
+    c.stage = "rlhf"
+    c.seed = 0
+    c.task = "word_sentiment"
+    c.rounds = arg.rounds
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))  # given to every stage
+    c.data = ml_collections.ConfigDict(dict(num_demos=2048, num_train_prompts=512, num_eval_prompts=256))
+    c.collect = ml_collections.ConfigDict(dict(num_prompts=512, num_responses=2, max_new_tokens=40,
+                                               temperature=0.8, batch_size=256))
+    c.labeler = ml_collections.ConfigDict(dict(kind="gold", noise=0.1, rm_path="", wait_timeout_s=3600.0,
+                                               poll_s=10.0))
+    c.eval = ml_collections.ConfigDict(dict(max_new_tokens=40, temperature=0.7, batch_size=256))
+    c.sft = _sft()
+    c.rm = _rm()
+    c.ppo = _ppo()
+    return c
