@@ -7,6 +7,9 @@ workdir resumes from the latest checkpoint.
 
 from __future__ import annotations
 
+import os
+import sys
+
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
@@ -18,7 +21,13 @@ from rlhf_jax.train.loop import run as run_stage
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py or experiments/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.")
+flags.DEFINE_bool("debug", False, "Show the full traceback of an error (or set RLHF_JAX_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
+
+# What a user's mistake raises (a bad config value, file, row, model kind or checkpoint): one
+# line and exit status 2, the traceback only with --debug.
+USER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, ImportError, NotImplementedError,
+               TimeoutError)
 
 RUNNERS = {"sft": run_stage, "rm": run_stage, "ppo": run_ppo, "rlhf": run_rlhf}
 _PRINTED = ("eval/", "train/loss", "rm/", "ppo/score", "ppo/kl")
@@ -37,5 +46,21 @@ def main(argv):
         print(f"{k:32s} {summary[k]}")
 
 
+def _message(e: BaseException) -> str:
+    if isinstance(e, (AttributeError, KeyError)) and any(a.startswith("--config.") for a in sys.argv):
+        return f"no such config field {str(e).strip(chr(34) + chr(39))!r}; check the --config.* overrides"
+    return str(e) or type(e).__name__
+
+
+def cli() -> None:
+    try:
+        app.run(main)
+    except USER_ERRORS as e:
+        if "--debug" in sys.argv or os.environ.get("RLHF_JAX_DEBUG"):
+            raise
+        print(f"error: {_message(e)} (--debug shows the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli()

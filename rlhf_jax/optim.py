@@ -26,9 +26,21 @@ def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0, d
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), after], [warmup_steps])
 
 
+def _check(cfg) -> None:
+    """Every field in range, or a ValueError naming it (a negative lr trains to garbage)."""
+    checks = [("lr", cfg.lr > 0, "> 0"), ("b1", 0 <= cfg.b1 < 1, "in [0, 1)"), ("b2", 0 <= cfg.b2 < 1, "in [0, 1)"),
+              ("eps", cfg.eps > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
+              ("max_grad_norm", (cfg.max_grad_norm or 0) >= 0, ">= 0 (0 = no clipping)"),
+              ("final_lr_fraction", 0 <= cfg.get("final_lr_fraction", 0.0) <= 1, "in [0, 1]")]
+    for field, ok, want in checks:
+        if not ok:
+            raise ValueError(f"optimizer.{field}={cfg[field]!r} must be {want}")
+
+
 def make_optimizer(cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW (+ global-norm clipping) from a config with fields lr, warmup_steps, decay,
     final_lr_fraction, b1, b2, eps, weight_decay, max_grad_norm (0 disables clipping)."""
+    _check(cfg)
     schedule = learning_rate_schedule(cfg.lr, total_steps, cfg.warmup_steps, cfg.decay,
                                       cfg.get("final_lr_fraction", 0.0))
     parts = []

@@ -85,7 +85,8 @@ class RMScorer:
                              f"got {max_prompt_length}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-        model, self.tokenizer = load_model(rm, heads=("reward",), tokenizer=tokenizer, mesh=mesh)
+        model, self.tokenizer = load_model(rm, heads=("reward",), tokenizer=tokenizer, mesh=mesh,
+                                           require_trained=("reward",), role="reward model")
         self.max_length = int(max_length)
         self.max_prompt_length = None if max_prompt_length is None else int(max_prompt_length)
         self.mesh = mesh if mesh is not None else model_mesh(model)

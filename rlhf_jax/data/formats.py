@@ -189,6 +189,8 @@ def _alpaca_messages(row: dict[str, Any]) -> list[dict[str, str]]:
 def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool, field: str = "messages") -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except ImportError:
+        raise  # a missing package (jinja2) is the installation's fault, not the row's
     except Exception as e:  # noqa: BLE001 — a template may raise anything (e.g. roles must alternate)
         raise RowProblem("bad_messages", field, f"the chat template cannot render it: {e}") from None
 

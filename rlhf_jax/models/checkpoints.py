@@ -168,6 +168,12 @@ def _is_head(path: tuple) -> bool:
     return path[0] in ("reward_head", "value_head", "reward_gain", "reward_bias")
 
 
+def saved_heads(path: str | os.PathLike) -> tuple[str, ...]:
+    """The heads a model directory was trained with ('lm' only for a plain HF checkpoint)."""
+    meta = Path(path) / META_FILE
+    return tuple(json.loads(meta.read_text()).get("heads", ("lm",))) if meta.exists() else ("lm",)
+
+
 def load_pretrained(path: str | os.PathLike, *, heads: tuple[str, ...] | None = None, mesh=None, rules=None,
                     dtype: str | None = None, param_dtype: str | None = None, seed: int = 0) -> Transformer:
     """Loads a Hugging Face model directory into a sharded `Transformer`.

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data.tokenizer import load_tokenizer
-from rlhf_jax.models.checkpoints import load_gguf, load_pretrained
+from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, saved_heads
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.modeldef import ModelDef
 from rlhf_jax.models.transformer import Transformer
@@ -67,14 +67,27 @@ def resolve(spec: Any) -> Source:
     raise TypeError(f"expected a model config, a path or a (Transformer, tokenizer) pair, got {type(spec).__name__}")
 
 
+def check_trained_heads(src: Source, heads: tuple[str, ...], role: str = "model") -> None:
+    """Refuses a checkpoint without trained `heads` (an LM given where an RM is needed)."""
+    have = src.pair[0].heads if src.kind == "pair" else saved_heads(src.path) if src.kind == "pretrained" else ("lm",)
+    missing = [h for h in heads if h not in have]
+    if missing:
+        raise ValueError(f"{role} {src.path or src.kind!r} has no trained {'/'.join(missing)} head (it has "
+                         f"{'/'.join(have)}); give the workdir/model of a stage that trained one")
+
+
 def load_model(spec: Any, *, heads: tuple[str, ...] = ("lm",), tokenizer: Any = "", mesh: Mesh | None = None,
-               rules: Mapping | None = None, seed: int = 0) -> tuple[Transformer, Any]:
+               rules: Mapping | None = None, seed: int = 0, require_trained: tuple[str, ...] = (),
+               role: str = "model") -> tuple[Transformer, Any]:
     """(model, tokenizer), the model's parameters sharded on `mesh` (default: all devices).
 
     `tokenizer` '' takes the model's own ('byte' for a tiny model); anything else is passed to
-    `data.load_tokenizer`. Heads the checkpoint lacks are freshly initialised from `seed`.
+    `data.load_tokenizer`. Heads the checkpoint lacks are freshly initialised from `seed`,
+    except those in `require_trained`, which must have been trained (`role` names the
+    config field in the error).
     """
     src = resolve(spec)
+    check_trained_heads(src, require_trained, role)
     if src.kind == "pair":
         model, tok = src.pair
         missing = set(heads) - set(model.heads)

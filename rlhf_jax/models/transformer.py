@@ -331,10 +331,11 @@ class Transformer(nnx.Module):
             raise ValueError("this model was built without a reward head (heads=%r)" % (self.heads,))
         return self.reward_head(h_BTD)[..., 0].astype(jnp.float32)
 
-    def __call__(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
-                 positions_BT: jax.Array | None = None, cache: KVCache | None = None):
-        """LM logits [B, T, V] (float32); with a `cache`, returns `(logits, new_cache)`."""
-        h_BTD, new_cache = self.hidden(input_ids_BT, attention_mask_BT, positions_BT=positions_BT, cache=cache)
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+                 position_ids: jax.Array | None = None, cache: KVCache | None = None):
+        """LM logits [B, T, V] (float32) of ids [B, T] and mask [B, T] (the Hugging Face
+        keywords); with a `cache`, returns `(logits, new_cache)`."""
+        h_BTD, new_cache = self.hidden(input_ids, attention_mask, positions_BT=position_ids, cache=cache)
         logits = self.logits(h_BTD)
         return logits if cache is None else (logits, new_cache)
 

@@ -57,7 +57,8 @@ def _reward_model(cfg, rt: Runtime, models: Models) -> None:
     if not cfg.reward.rm_path:
         return
     rm, rm_tokenizer = load_model(cfg.reward.rm_path, heads=("reward",), tokenizer=cfg.reward.rm_tokenizer,
-                                  mesh=rt.mesh, rules=rt.rules)
+                                  mesh=rt.mesh, rules=rt.rules, require_trained=("reward",),
+                                  role="reward.rm_path")
     if cfg.reward.rm_tokenizer:
         # The RM reads text, not the policy's tokens: decode, re-encode as its data was, score.
         models.rm_text = RMScorer((rm, rm_tokenizer), max_length=int(cfg.reward.rm_max_length),
