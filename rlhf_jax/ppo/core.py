@@ -49,16 +49,8 @@ def _float(x: Array) -> Array:
 
 
 def masked_mean(x: Array, mask: Array, axis: int | tuple[int, ...] | None = None) -> Array:
-    """Mean of `x` over the entries where `mask` is 1.
-
-    Args:
-      x: any shape, e.g. [B, T].
-      mask: 0/1, broadcastable to `x.shape`.
-      axis: axes to reduce; None reduces everything (the global batch mean).
-
-    Returns:
-      The mean, shape of `x` with `axis` removed. Where no entry is selected
-      the result is 0 rather than nan.
+    """Mean of `x` where `mask` (broadcastable 0/1) is 1, over `axis` (None: everything,
+    the global batch mean); 0 rather than nan where nothing is selected.
     """
     x = _float(x)
     m = jnp.broadcast_to(jnp.asarray(mask).astype(bool), x.shape)
@@ -68,17 +60,8 @@ def masked_mean(x: Array, mask: Array, axis: int | tuple[int, ...] | None = None
 
 
 def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
-    """Variance of `x` over all entries where `mask` is 1 (a global scalar).
-
-    Args:
-      x: any shape, e.g. [B, T].
-      mask: 0/1, broadcastable to `x.shape`.
-      unbiased: apply Bessel's correction n/(n-1) (as TRL does). With fewer than
-        two selected entries the correction is skipped (no error can be raised
-        on traced values), giving 0 for a single entry.
-
-    Returns:
-      Scalar variance.
+    """Variance of `x` over the entries where `mask` is 1 (a global scalar). `unbiased`
+    applies Bessel's n/(n-1), as TRL does, unless fewer than two entries are selected.
     """
     x = _float(x)
     mean = masked_mean(x, mask)
@@ -93,21 +76,8 @@ def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
 def masked_whiten(
     x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8
 ) -> Array:
-    """Normalises `x` to unit variance over the masked entries of the whole batch.
-
-    `(x - mean) / sqrt(var + eps)`; with `shift_mean=False` the mean is added back
-    (OpenAI's reward whitening: scale only, keep the mean). The statistics are
-    global over every masked entry, so under `jax.jit` with a sharded batch they
-    are all-reduced across devices automatically.
-
-    Args:
-      x: [B, T] (any shape).
-      mask: 0/1, broadcastable to `x.shape`.
-      shift_mean: if False, the result keeps the original mean.
-      eps: added to the variance.
-
-    Returns:
-      Same shape as `x`; 0 where `mask` is 0.
+    """`(x - mean) / sqrt(var + eps)` over the masked entries of the whole batch, 0 on
+    padding; `shift_mean=False` adds the mean back (OpenAI's reward whitening: scale only).
     """
     x = _float(x)
     mean = masked_mean(x, mask)
@@ -178,22 +148,11 @@ def compute_rewards(
     beta: float | Array,
     kl_estimator: str = "k1",
 ) -> KLPenalizedRewards:
-    """Per-token PPO rewards: r_t = -beta * KL_t, plus the RM score at the stop.
+    """Per-token rewards [B, T]: −β·KL_t, plus `scores_B` at each row's last real token.
 
-    The score of each response is added at the last real token of its row (the
-    stop token, or the final position of a response that never stopped).
-
-    Args:
-      scores_B: [B] reward-model scores (already normalised / penalised).
-      logp_BxT: [B, T] log-probs of the sampled tokens under the policy used
-        for sampling (with the sampling temperature applied).
-      ref_logp_BxT: [B, T] log-probs of the same tokens under the reference.
-      mask_BxT: [B, T] 0/1 response mask.
-      beta: KL coefficient (Python float or traced scalar).
-      kl_estimator: "k1" or "k3" (`KL_ESTIMATORS`); picked at trace time.
-
-    Returns:
-      `KLPenalizedRewards(rewards, kl, kl_k1, kl_k3)`, each [B, T], masked.
+    `logp_BxT` are the sampling policy's log-probs (at the sampling temperature), `ref_logp_BxT`
+    the reference's; `kl_estimator` ('k1' or 'k3') is the one penalised, both are returned
+    for logging. Every field of the result is 0 where the mask is 0.
     """
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(
@@ -238,21 +197,11 @@ def gae(
     gamma: float | Array = 1.0,
     lam: float | Array = 0.95,
 ) -> tuple[Array, Array]:
-    """Generalised advantage estimation, right to left with `lax.scan`.
+    """Generalised advantage estimation right to left (`lax.scan(reverse=True)`).
 
-    Values and rewards past the stop are treated as 0: the step after the last
-    real token is terminal, so its bootstrap value is 0.
-
-    Args:
-      rewards_BxT: [B, T] per-token rewards.
-      values_BxT: [B, T] value estimates V(s_t) from the rollout.
-      mask_BxT: [B, T] 0/1 response mask (1s then 0s).
-      gamma: discount.
-      lam: GAE lambda.
-
-    Returns:
-      (advantages_BxT, returns_BxT) with returns = advantages + values; both 0
-      where mask is 0. Advantages are not whitened here (see `masked_whiten`).
+    Past the last real token values and rewards are 0 (the step after it is terminal).
+    Returns (advantages [B, T], returns = advantages + values), both 0 on padding and not
+    whitened.
     """
     m = jnp.asarray(mask_BxT).astype(bool)
     r = jnp.where(m, _float(rewards_BxT), 0.0)
@@ -285,25 +234,11 @@ def policy_loss(
     mask_BxT: Array,
     cliprange: float | Array = 0.2,
 ) -> tuple[Array, dict[str, Array]]:
-    """PPO clipped surrogate loss, averaged over all real tokens of the batch.
+    """PPO's clipped surrogate, mean over every real token of the batch:
+    max(−A·ratio, −A·clip(ratio, 1 ± c)), ratio = exp(logp_new − logp_old).
 
-    loss = mean_t max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - c, 1 + c)),
-    ratio_t = exp(logp_new - logp_old).
-
-    Args:
-      logp_new_BxT: [B, T] log-probs under the policy being optimised.
-      logp_old_BxT: [B, T] log-probs recorded at rollout time.
-      advantages_BxT: [B, T] (usually whitened) advantages.
-      mask_BxT: [B, T] 0/1 response mask.
-      cliprange: c.
-
-    Returns:
-      (loss, stats): scalar loss; stats has
-        `clipfrac`: fraction of tokens where the clipped term is the larger
-          (i.e. the gradient is cut off),
-        `approx_kl`: 0.5 * mean((logp_new - logp_old)^2), as in TRL (a
-          second-order estimate of KL(old || new)),
-        `ratio_mean`: mean ratio.
+    Returns (loss, stats): `clipfrac` (share of tokens where the clipped term wins),
+    `approx_kl` (½·mean((logp_new − logp_old)²), as TRL), `ratio_mean`.
     """
     m = jnp.asarray(mask_BxT).astype(bool)
     log_ratio = jnp.where(m, _float(logp_new_BxT) - _float(logp_old_BxT), 0.0)
@@ -327,18 +262,8 @@ def value_loss(
     mask_BxT: Array,
     cliprange_value: float | Array = 0.2,
 ) -> tuple[Array, dict[str, Array]]:
-    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)).
-
-    Args:
-      values_new_BxT: [B, T] values from the critic being optimised.
-      values_old_BxT: [B, T] values recorded at rollout time.
-      returns_BxT: [B, T] GAE returns.
-      mask_BxT: [B, T] 0/1 response mask.
-      cliprange_value: c.
-
-    Returns:
-      (loss, stats): scalar loss; stats has `vf_clipfrac`, the fraction of
-      tokens where the clipped error is the larger.
+    """Clipped value loss ½·mean(max((V − R)², (clip(V, V_old ± c) − R)²)) over real tokens;
+    stats `vf_clipfrac` (share of tokens where the clipped error is the larger).
     """
     m = jnp.asarray(mask_BxT).astype(bool)
     v = jnp.where(m, _float(values_new_BxT), 0.0)
@@ -353,18 +278,9 @@ def value_loss(
 
 
 def entropy_from_logits(logits_BxTxV: Array) -> Array:
-    """Per-token entropy of softmax(logits), in float32.
-
-    H = logsumexp(z) - sum softmax(z) * z, computed from log-softmax so large
-    logits do not overflow; entries with logit -inf (masked vocabulary)
-    contribute 0 instead of nan.
-
-    Args:
-      logits_BxTxV: [B, T, V] logits (any float dtype; apply the sampling
-        temperature before calling).
-
-    Returns:
-      [B, T] float32 entropies (unmasked; reduce with `masked_mean`).
+    """Per-token entropy [B, T] (float32) of softmax(logits [B, T, V]), from log-softmax so
+    large logits do not overflow; −inf logits (masked vocabulary) contribute 0, not nan.
+    Apply the sampling temperature first.
     """
     z = jnp.asarray(logits_BxTxV).astype(jnp.float32)
     logp = jax.nn.log_softmax(z, axis=-1)
@@ -373,18 +289,8 @@ def entropy_from_logits(logits_BxTxV: Array) -> Array:
 
 
 def explained_variance(values_BxT: Array, returns_BxT: Array, mask_BxT: Array) -> Array:
-    """1 - Var(returns - values) / Var(returns) over the masked tokens.
-
-    1 is a perfect critic, 0 no better than a constant, negative worse. nan when
-    the returns have zero variance (nothing to explain), as in cleanrl / TRL.
-
-    Args:
-      values_BxT: [B, T] predicted values.
-      returns_BxT: [B, T] targets.
-      mask_BxT: [B, T] 0/1 response mask.
-
-    Returns:
-      Scalar.
+    """1 − Var(returns − values) / Var(returns) over real tokens: 1 a perfect critic, 0 a
+    constant; nan when the returns have no variance (as cleanrl and TRL).
     """
     var_ret = masked_var(returns_BxT, mask_BxT, unbiased=False)
     var_res = masked_var(_float(returns_BxT) - _float(values_BxT), mask_BxT, unbiased=False)
@@ -403,19 +309,9 @@ def adaptive_kl_update(
     target: float = 6.0,
     horizon: float = 10000.0,
 ) -> Array:
-    """One step of Ziegler et al.'s proportional KL controller.
-
-    err = clip(kl / target - 1, -0.2, 0.2);  beta <- beta * (1 + err * n / horizon).
-
-    Args:
-      beta: current KL coefficient.
-      kl: observed KL, the batch mean of the per-sequence *summed* KL (nats).
-      n_steps: number of samples in the batch.
-      target: desired KL.
-      horizon: controller time constant, in samples.
-
-    Returns:
-      The new beta (scalar array).
+    """One step of Ziegler et al.'s proportional controller:
+    β ← β·(1 + clip(kl/target − 1, ±0.2)·n/horizon), with `kl` the batch mean of the
+    sequence-summed KL and `n_steps` the number of samples.
     """
     err = jnp.clip(_float(kl) / target - 1.0, -0.2, 0.2)
     return _float(beta) * (1.0 + err * n_steps / horizon)
@@ -423,16 +319,8 @@ def adaptive_kl_update(
 
 @dataclasses.dataclass(frozen=True)
 class KLController:
-    """Static KL-coefficient controller config; `update` is a pure function.
-
-    `target=None` gives a fixed coefficient; a number makes it adaptive
-    (Ziegler et al.). Frozen and hashable, so it can be a static argument of a
-    jitted step; the current beta lives in the training state, not here.
-
-    Attributes:
-      init_beta: starting coefficient (OpenAI 0.15; TRL fixed 0.05).
-      target: desired sequence-summed KL in nats, or None for a fixed beta.
-      horizon: adaptive controller time constant, in samples.
+    """The KL coefficient's controller (static, hashable: part of the compiled update; β
+    itself lives in the state). `target=None` keeps β fixed; a target makes it adaptive.
     """
 
     init_beta: float = 0.15
