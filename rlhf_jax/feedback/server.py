@@ -17,7 +17,10 @@ JSON endpoints:
                    indices, best first) → {"label": stored label}; 400 {"error"} names
                    the bad field
 
-The server binds to 127.0.0.1 unless told otherwise: it has no authentication.
+The server binds to 127.0.0.1. Bound to any other address it needs a shared token
+(`--token` or RLHF_JAX_LABEL_TOKEN), which every /api/ request must carry in the
+`X-Label-Token` header (the page takes it from its URL: `/?token=...`). Labeler ids are
+1-64 characters of letters, digits and `._@-`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import hmac
+import ipaddress
 import json
+import os
 import random
 import re
 import threading
@@ -40,6 +46,25 @@ from rlhf_jax.feedback.store import ComparisonStore
 __all__ = ["LabelServer", "main", "make_server", "start_in_thread"]
 
 MAX_BODY_BYTES = 1 << 20
+LABELER_ID = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+TOKEN_ENV = "RLHF_JAX_LABEL_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_labeler(labeler) -> str:
+    """A labeler id as stored in every label: short and of safe characters, or ValueError."""
+    if not isinstance(labeler, str) or not LABELER_ID.fullmatch(labeler):
+        shown = labeler[:40] + "..." if isinstance(labeler, str) and len(labeler) > 40 else labeler
+        raise ValueError(f"labeler: {shown!r} must be 1-64 characters of letters, digits and ._@-")
+    return labeler
 
 
 def _page_html() -> tuple[bytes, str]:
@@ -69,7 +94,13 @@ class LabelServer(ThreadingHTTPServer):
     daemon_threads = True  # a browser's open keep-alive connection must not block exit
 
     def __init__(self, address: tuple[str, int], store: ComparisonStore,
-                 labeler: str | None = None, seed: int | None = None):
+                 labeler: str | None = None, seed: int | None = None, token: str | None = None):
+        if not is_loopback(address[0]) and not token:
+            raise ValueError(f"--host {address[0]} is not a loopback address: pass --token (or set {TOKEN_ENV}) "
+                             "so that only people given the token can read and write labels")
+        if labeler is not None:
+            check_labeler(labeler)
+        self.token = token or None
         super().__init__(address, _Handler)
         self.store = store
         self.default_labeler = labeler
@@ -124,8 +155,19 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj, ensure_ascii=False).encode(),
                    "application/json; charset=utf-8")
 
+    def _authorised(self) -> bool:
+        """Every /api/ request carries the server's token, when it has one (else 403)."""
+        token = self.server.token
+        if token is None or hmac.compare_digest(self.headers.get("X-Label-Token", ""), token):
+            return True
+        self.close_connection = True
+        self._json(HTTPStatus.FORBIDDEN, {"error": "X-Label-Token: missing or wrong (open the link with ?token=)"})
+        return False
+
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        if url.path.startswith("/api/") and not self._authorised():
+            return
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         if url.path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8",
@@ -136,6 +178,11 @@ class _Handler(BaseHTTPRequestHandler):
             labeler = (query.get("labeler") or self.server.default_labeler or "").strip()
             if not labeler:
                 self._json(HTTPStatus.BAD_REQUEST, {"error": "labeler: missing"})
+                return
+            try:
+                check_labeler(labeler)
+            except ValueError as e:
+                self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
                 return
             todo = self.server.store.unlabeled(labeler)
             if not todo:
@@ -161,6 +208,8 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path != "/api/label":
             self.close_connection = True
             self._json(HTTPStatus.NOT_FOUND, {"error": f"no such path {url.path}"})
+            return
+        if not self._authorised():
             return
         # Requiring a JSON content type forces a CORS preflight on cross-site requests, so
         # another web page open in the same browser cannot post labels here.
@@ -194,6 +243,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         labeler = body.get("labeler") or self.server.default_labeler
         try:
+            check_labeler(labeler)
             label = self.server.store.add_label(body.get("item_id"), labeler,
                                                 body.get("kind"), body.get("ranking"))
         except ValueError as e:
@@ -203,24 +253,24 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def make_server(store: ComparisonStore | str, host: str = "127.0.0.1", port: int = 0,
-                labeler: str | None = None, seed: int | None = None) -> LabelServer:
+                labeler: str | None = None, seed: int | None = None, token: str | None = None) -> LabelServer:
     """Builds (binds, does not start) a server; port 0 picks a free port.
 
     `seed` fixes the order responses are shown in, for reproducible tests.
     """
     if not isinstance(store, ComparisonStore):
         store = ComparisonStore(store)
-    return LabelServer((host, port), store, labeler=labeler, seed=seed)
+    return LabelServer((host, port), store, labeler=labeler, seed=seed, token=token)
 
 
 def start_in_thread(store: ComparisonStore | str, host: str = "127.0.0.1", port: int = 0,
-                    labeler: str | None = None, seed: int | None = None) -> LabelServer:
+                    labeler: str | None = None, seed: int | None = None, token: str | None = None) -> LabelServer:
     """Starts a server in a daemon thread and returns it once it accepts connections.
 
     The bound port is `server.port` (port 0 picks a free one), the address `server.url`;
     `server.stop()` shuts it down.
     """
-    server = make_server(store, host, port, labeler, seed)
+    server = make_server(store, host, port, labeler, seed, token)
     # Binding happened in the constructor, so connections queue up even before the loop
     # runs; nothing to wait for.
     # A short poll interval keeps stop() fast; shutdown waits for the loop's next poll.
@@ -234,15 +284,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--store", required=True, help="comparison store directory")
     parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; anything but localhost exposes an "
-                             "unauthenticated server")
+                        help="address to bind; anything but loopback needs --token")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_ENV),
+                        help=f"shared secret every request must carry (default: ${TOKEN_ENV})")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--labeler", default=None,
                         help="default labeler name (the page can override it)")
     args = parser.parse_args(argv)
-    server = make_server(args.store, args.host, args.port, args.labeler)
-    print(f"labeling {len(server.store)} items from {args.store} at {server.url}",
-          flush=True)
+    try:
+        server = make_server(args.store, args.host, args.port, args.labeler, token=args.token)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    link = server.url + (f"?token={args.token}" if args.token else "")
+    print(f"labeling {len(server.store)} items from {args.store} at {link}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
