@@ -43,16 +43,28 @@ class Checkpointer:
 
 
 def resume(ckpt: Checkpointer, state, workdir: Path, unit: str = "step"):
-    """(state, start): the latest checkpoint's state and step, or (state, 0) for a new run.
+    """(state, start): the newest checkpoint that restores, and its step; (state, 0) for a new run.
 
-    metrics.jsonl keeps only the rows up to that step: a killed run may have logged past its
-    last checkpoint, and the resumed run logs those steps again.
+    A step that cannot be read (a truncated file, a run killed mid-write) is skipped with a
+    message naming it, and the one before is tried. metrics.jsonl keeps only the rows up to
+    the resumed step: a killed run may have logged past it, and those steps are run again.
     """
-    if ckpt.latest_step() is None:
-        return state, 0
-    start = int(ckpt.latest_step())
-    state = ckpt.restore(state)
-    if jax.process_index() == 0:
-        print(f"resuming from {Path(workdir) / 'checkpoints'} at {unit} {start}")
-        drop_metrics_after(workdir, start)
-    return state, start
+    steps = sorted(ckpt.manager.all_steps(), reverse=True)
+    problems = []
+    for step in steps:
+        try:
+            restored = ckpt.restore(state, step)
+        except Exception as e:  # noqa: BLE001 — Orbax and its file readers raise many kinds
+            problems.append(f"{unit} {step}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            if jax.process_index() == 0:
+                print(f"checkpoint {Path(ckpt.manager.directory) / str(step)} cannot be restored "
+                      f"({problems[-1]}); trying the one before")
+            continue
+        if jax.process_index() == 0:
+            print(f"resuming from {Path(workdir) / 'checkpoints'} at {unit} {step}")
+            drop_metrics_after(workdir, step)
+        return restored, int(step)
+    if steps:
+        raise ValueError(f"{Path(workdir) / 'checkpoints'}: no checkpoint can be restored into this run "
+                         f"({'; '.join(problems)}); move the folder away to start afresh")
+    return state, 0
