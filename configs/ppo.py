@@ -38,7 +38,11 @@ def get_config(arg=None):
                                                 extra_stop_token_ids=()))
     c.ppo = ml_collections.ConfigDict(dict(
         num_updates=50,  # PPO iterations (rollout + optimisation)
-        batch_size=32,  # rollouts per iteration (global)
+        batch_size=32,  # rollouts (sequences) per iteration (global): batch_size / samples_per_prompt prompts
+        advantage="gae",  # 'gae' (PPO, with a critic), 'rloo' or 'grpo' (critic-free; configs/rloo.py, grpo.py)
+        samples_per_prompt=1,  # k samples of each prompt (>= 2 for rloo / grpo)
+        kl_in_reward=True,  # False: beta * k3 KL loss term instead of the -beta * KL reward (GRPO)
+        grpo_scale_by_std=True,  # False: Dr. GRPO (advantages centred, not divided by the group std)
         ppo_epochs=4,
         num_minibatches=2,
         cliprange=0.2,

@@ -180,23 +180,28 @@ def _sample_rows(generate, params, dataset: data_lib.Dataset, tokenizer, rows: l
 
 def generate_texts(policy: Any, prompts: Any, *, max_new_tokens: int = 32, temperature: float = 0.7,
                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                   max_prompt_length: int = 64, mesh: Mesh | None = None) -> list[str]:
-    """One sampled response per prompt (decoded, special tokens dropped), e.g. to evaluate a
-    policy with a gold scorer. `policy` and `prompts` are as for `collect_comparisons`."""
+                   max_prompt_length: int = 64, mesh: Mesh | None = None, num_samples: int = 1) -> list[str]:
+    """`num_samples` sampled responses per prompt (decoded, special tokens dropped), prompt-major,
+    e.g. to evaluate a policy with a gold scorer or for best-of-n. `policy` and `prompts` are
+    as for `collect_comparisons`; `batch_size` counts sequences per sampler call."""
+    n_per = int(num_samples)
+    if n_per < 1:
+        raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
     tokenizer = load_tokenizer_of(policy)
     dataset = data_lib.prompt_dataset(_prompt_rows(prompts), tokenizer, max_prompt_length=int(max_prompt_length))
     sampling = SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                             top_k=top_k, top_p=top_p)
     generate, params, mesh = _generator(policy, mesh, sampling)
     shards = sharding_lib.batch_shards(mesh)
-    per_batch = max(shards, int(batch_size) // shards * shards)
+    step = shards // math.gcd(shards, n_per)  # prompts per batch come in steps the shards divide
+    per_batch = max(step, int(batch_size) // n_per // step * step)
     n = len(dataset)
     texts: list[str] = []
     for j, start in enumerate(range(0, n, per_batch)):
-        rows = list(range(start, min(start + per_batch, n)))
-        out, _, _ = _sample_rows(generate, params, dataset, tokenizer, rows + [rows[-1]] * (per_batch - len(rows)),
-                                 rollout_key(int(seed), j))
-        texts += out[:len(rows)]
+        prompts_j = list(range(start, min(start + per_batch, n)))
+        rows = [i for i in prompts_j + [prompts_j[-1]] * (per_batch - len(prompts_j)) for _ in range(n_per)]
+        out, _, _ = _sample_rows(generate, params, dataset, tokenizer, rows, rollout_key(int(seed), j))
+        texts += out[:len(prompts_j) * n_per]
     return texts
 
 

@@ -30,7 +30,9 @@ def hyperparams(cfg) -> PPOHyperparams:
         kl_estimator=p.kl_estimator, whiten_rewards=bool(p.whiten_rewards),
         kl=KLController(init_beta=float(p.init_beta), target=float(p.kl_target) if p.kl_target else None,
                         horizon=float(p.kl_horizon)),
-        ptx_coef=float(p.ptx_coef), critic=p.critic)
+        ptx_coef=float(p.ptx_coef), critic=p.critic, advantage=p.advantage,
+        samples_per_prompt=int(p.samples_per_prompt), kl_in_reward=bool(p.kl_in_reward),
+        grpo_scale_by_std=bool(p.grpo_scale_by_std))
 
 
 def _copy(tree):
@@ -81,7 +83,7 @@ def _critic(cfg, rt: Runtime, models: Models) -> None:
 
 
 def load_models(cfg, rt: Runtime, hp: PPOHyperparams) -> Models:
-    policy_heads = ("lm", "value") if hp.critic == "shared" else ("lm",)
+    policy_heads = ("lm", "value") if hp.uses_critic and hp.critic == "shared" else ("lm",)
     policy, tokenizer = load_model(cfg.model, heads=policy_heads, tokenizer=cfg.tokenizer, mesh=rt.mesh,
                                    rules=rt.rules, seed=cfg.seed)
     policy_def, policy_train, policy_rest = ModelDef.split(policy, cfg.train.trainable)
@@ -100,7 +102,7 @@ def load_models(cfg, rt: Runtime, hp: PPOHyperparams) -> Models:
                     frozen={"policy": policy_rest, "critic": {}}, tokenizer=tokenizer, ref_def=ref_def,
                     ref_params=ref_params)
     _reward_model(cfg, rt, models)
-    if hp.critic == "separate":
+    if hp.uses_critic and hp.critic == "separate":
         _critic(cfg, rt, models)
     return models
 
@@ -177,6 +179,9 @@ def build(cfg, workdir, reward_functions: Sequence = ()) -> PPOSetup:
     p = cfg.ppo
     if p.batch_size % p.num_minibatches:
         raise ValueError(f"ppo.batch_size={p.batch_size} is not divisible by ppo.num_minibatches={p.num_minibatches}")
+    if p.batch_size % hp.samples_per_prompt:
+        raise ValueError(f"ppo.batch_size={p.batch_size} (sequences) is not divisible by "
+                         f"ppo.samples_per_prompt={hp.samples_per_prompt}")
     models = load_models(cfg, rt, hp)
     fns = [reward_functions_lib.load_reward_function(f) for f in cfg.reward.functions if f] + list(reward_functions)
     weights = list(cfg.reward.function_weights) + [1.0] * (len(fns) - len(cfg.reward.function_weights))

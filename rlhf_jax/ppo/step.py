@@ -1,6 +1,11 @@
 """One PPO iteration's programs as pure functions of the policy, reference, reward-model and
 critic parameters: `score_rollout` (old log-probs, values, reference log-probs and RM scores
-of a sampled batch) and `ppo_update` (rewards, GAE, E epochs × M minibatches, β update).
+of a sampled batch) and `ppo_update` (rewards, advantages, E epochs × M minibatches, β update).
+
+`advantage` picks the estimator: "gae" (PPO, with a critic) or the critic-free "rloo" and
+"grpo", which score k samples per prompt (rows prompt-major) and give every token of a
+sequence its group-relative advantage. The KL to the reference is either a −β·KL reward per
+token (`kl_in_reward`, as PPO) or a β·k3 loss term (GRPO).
 
 Shapes: B rollout batch, Q query length, R response length, V vocabulary. Log-probs divide
 the logits by the sampling temperature, or the KL grows far too fast.
@@ -17,8 +22,11 @@ import optax
 
 from rlhf_jax import reward_model
 from rlhf_jax.models import ModelDef, Transformer
-from rlhf_jax.ppo import core
+from rlhf_jax.ppo import advantages as advantages_lib, core
 from rlhf_jax.sft import sft_loss, token_logprobs
+
+
+ADVANTAGES = ("gae", "rloo", "grpo")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +46,25 @@ class PPOHyperparams:
     kl: core.KLController = core.KLController()  # fixed β unless it has a target
     ptx_coef: float = 0.0
     critic: str = "shared"  # "shared": value head on the policy trunk; "separate": own model
+    advantage: str = "gae"  # "gae" (PPO, critic), "rloo" or "grpo" (critic-free, k samples per prompt)
+    samples_per_prompt: int = 1  # k; rows [g·k, (g+1)·k) of a rollout are prompt g's samples
+    kl_in_reward: bool = True  # False: no KL in the reward, β · k3 KL loss term instead (GRPO)
+    grpo_scale_by_std: bool = True  # False: Dr. GRPO (centre only)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
 
     def __post_init__(self):
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"ppo.advantage={self.advantage!r} is not one of {ADVANTAGES}")
+        if self.uses_critic and (self.samples_per_prompt != 1 or not self.kl_in_reward):
+            raise ValueError("ppo.advantage='gae' needs ppo.samples_per_prompt=1 and ppo.kl_in_reward=True")
+        if not self.uses_critic and self.samples_per_prompt < 2:
+            raise ValueError(f"ppo.advantage={self.advantage!r} needs ppo.samples_per_prompt >= 2, "
+                             f"got {self.samples_per_prompt}")
+        if not self.uses_critic and self.whiten_rewards:
+            raise ValueError(f"ppo.whiten_rewards is a GAE option; ppo.advantage={self.advantage!r} has no critic")
         if self.kl_estimator not in core.KL_ESTIMATORS:
             raise ValueError(f"ppo.kl_estimator={self.kl_estimator!r} is not one of {sorted(core.KL_ESTIMATORS)}")
         if self.critic not in ("shared", "separate"):
@@ -108,7 +133,7 @@ def score_rollout(defs: dict, ref_def: ModelDef, rm_def: ModelDef | None, hp: PP
     ids_BT, mask_BT = _full(query_ids, query_mask, response_ids, response_mask)
     policy, critic = _models(defs, state.params, state.frozen)
     logp, h, _ = response_logprobs_and_hidden(policy, ids_BT, mask_BT, q, hp.temperature)
-    values = _values(policy, critic, h, ids_BT, mask_BT, q)
+    values = _values(policy, critic, h, ids_BT, mask_BT, q) if hp.uses_critic else jnp.zeros_like(logp)
     ref = ref_def.merge(ref_params)
     ref_logp, _, _ = response_logprobs_and_hidden(ref, ids_BT, mask_BT, q, hp.temperature)
     if rm_def is not None:
@@ -120,9 +145,62 @@ def score_rollout(defs: dict, ref_def: ModelDef, rm_def: ModelDef | None, hp: PP
     return logp * mask, ref_logp * mask, values * mask, rm_scores
 
 
+def token_advantages(hp: PPOHyperparams, rollout: Rollout, penalised: core.KLPenalizedRewards, mask):
+    """Advantages [B, R] for the policy loss and GAE returns [B, R] (None without a critic).
+
+    GAE's are whitened over the whole batch. RLOO's and GRPO's come from one number per
+    sequence, the KL-penalised return Σ_t r_t (as TRL's RLOO) when `kl_in_reward`, else the
+    score, grouped k at a time; they are not whitened.
+    """
+    if hp.uses_critic:
+        rewards = penalised.rewards
+        if hp.whiten_rewards:
+            rewards = core.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = core.gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
+        return core.masked_whiten(advantages, mask), returns  # over the whole global batch
+    seq_B = penalised.rewards.sum(-1) if hp.kl_in_reward else core._float(rollout.scores)
+    k = hp.samples_per_prompt
+    if hp.advantage == "rloo":
+        adv_B = advantages_lib.rloo_advantages(seq_B, k)
+    else:
+        adv_B = advantages_lib.grpo_advantages(seq_B, k, scale_by_std=hp.grpo_scale_by_std)
+    return advantages_lib.sequence_advantages_to_tokens(adv_B, mask), None
+
+
+def _minibatch_loss(defs, hp: PPOHyperparams, state: PPOState, q: int):
+    """loss(params, minibatch, ptx batch or None) -> (loss, stats) of one optimiser step."""
+
+    def loss_fn(params, mb, ptx):
+        policy, critic = _models(defs, params, state.frozen)
+        logp, h, logits = response_logprobs_and_hidden(policy, mb["ids"], mb["attn"], q, hp.temperature)
+        pg_loss, pg_stats = core.policy_loss(logp, mb["logp"], mb["adv"], mb["mask"], cliprange=hp.cliprange)
+        loss = pg_loss
+        stats = {"policy_loss": pg_loss, "entropy": core.masked_mean(core.entropy_from_logits(logits), mb["mask"]),
+                 **pg_stats}
+        if hp.uses_critic:
+            values = _values(policy, critic, h, mb["ids"], mb["attn"], q)
+            vf_loss, vf_stats = core.value_loss(values, mb["values"], mb["ret"], mb["mask"],
+                                                cliprange_value=hp.cliprange_value)
+            loss = pg_loss + hp.vf_coef * vf_loss
+            stats.update(value_loss=vf_loss, **vf_stats)
+        if not hp.kl_in_reward:
+            kl_loss = advantages_lib.k3_kl_loss(logp, mb["ref_logp"], mb["mask"])
+            loss = loss + state.beta * kl_loss
+            stats["kl_loss"] = kl_loss
+        if ptx is not None:
+            nll_sum, n_tok, _ = sft_loss(policy, ptx)
+            ptx_loss = nll_sum / jnp.maximum(n_tok, 1.0)
+            loss = loss + hp.ptx_coef * ptx_loss
+            stats["ptx_loss"] = ptx_loss
+        return loss, stats
+
+    return loss_fn
+
+
 def ppo_update(defs: dict, hp: PPOHyperparams, tx: optax.GradientTransformation, state: PPOState,
                rollout: Rollout, ptx_batch: dict | None = None):
-    """Rewards, GAE, then E epochs × M minibatches of clipped PPO; returns (state, metrics).
+    """Rewards, advantages, then E epochs × M minibatches of the clipped policy loss (+ the value
+    loss with a critic); returns (state, metrics).
 
     `ptx_batch` (PPO-ptx): an SFT batch shaped [E·M, b, T]; minibatch step i adds
     `ptx_coef × NLL` of slice i, mixing pretraining gradients into every PPO step.
@@ -132,34 +210,17 @@ def ppo_update(defs: dict, hp: PPOHyperparams, tx: optax.GradientTransformation,
     mask = rollout.response_mask.astype(jnp.float32)
     q = rollout.query_ids.shape[1]
 
-    penalised = core.compute_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, state.beta,
-                                     kl_estimator=hp.kl_estimator)
-    rewards = penalised.rewards
-    if hp.whiten_rewards:
-        rewards = core.masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = core.gae(rewards, rollout.values, mask, gamma=hp.gamma, lam=hp.lam)
-    advantages = core.masked_whiten(advantages, mask)  # over the whole global batch
+    penalised = core.compute_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
+                                     state.beta if hp.kl_in_reward else 0.0, kl_estimator=hp.kl_estimator)
+    advantages, returns = token_advantages(hp, rollout, penalised, mask)
 
     ids_BT, mask_BT = _full(rollout.query_ids, rollout.query_mask, rollout.response_ids, rollout.response_mask)
-    data = dict(ids=ids_BT, attn=mask_BT, mask=mask, logp=rollout.logprobs, values=rollout.values,
-                adv=advantages, ret=returns)
-
-    def loss_fn(params, mb, ptx):
-        policy, critic = _models(defs, params, state.frozen)
-        logp, h, logits = response_logprobs_and_hidden(policy, mb["ids"], mb["attn"], q, hp.temperature)
-        values = _values(policy, critic, h, mb["ids"], mb["attn"], q)
-        pg_loss, pg_stats = core.policy_loss(logp, mb["logp"], mb["adv"], mb["mask"], cliprange=hp.cliprange)
-        vf_loss, vf_stats = core.value_loss(values, mb["values"], mb["ret"], mb["mask"],
-                                            cliprange_value=hp.cliprange_value)
-        loss = pg_loss + hp.vf_coef * vf_loss
-        stats = {"policy_loss": pg_loss, "value_loss": vf_loss, "entropy":
-                 core.masked_mean(core.entropy_from_logits(logits), mb["mask"]), **pg_stats, **vf_stats}
-        if ptx is not None:
-            nll_sum, n_tok, _ = sft_loss(policy, ptx)
-            ptx_loss = nll_sum / jnp.maximum(n_tok, 1.0)
-            loss = loss + hp.ptx_coef * ptx_loss
-            stats["ptx_loss"] = ptx_loss
-        return loss, stats
+    data = dict(ids=ids_BT, attn=mask_BT, mask=mask, logp=rollout.logprobs, adv=advantages)
+    if hp.uses_critic:
+        data.update(values=rollout.values, ret=returns)
+    if not hp.kl_in_reward:
+        data["ref_logp"] = rollout.ref_logprobs
+    loss_fn = _minibatch_loss(defs, hp, state, q)
 
     def minibatch(carry, inputs):
         params, opt_state = carry
@@ -175,10 +236,18 @@ def ppo_update(defs: dict, hp: PPOHyperparams, tx: optax.GradientTransformation,
     perms = jax.vmap(lambda k: jax.random.permutation(k, b))(epoch_keys).reshape(hp.ppo_epochs * m, b // m)
     (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state), (perms, ptx_batch))
 
+    mean_kl = (penalised.kl * mask).sum(-1).mean()
+    beta = hp.kl.update(state.beta, mean_kl, b)
+    metrics = _metrics(hp, state, rollout, penalised, mask, stats, advantages, returns)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, beta=beta)
+    return new_state, metrics
+
+
+def _metrics(hp: PPOHyperparams, state: PPOState, rollout: Rollout, penalised, mask, stats, advantages, returns):
+    m = hp.num_minibatches
     seq_kl_k1 = (penalised.kl_k1 * mask).sum(-1)
     seq_kl_k3 = (penalised.kl_k3 * mask).sum(-1)
     mean_kl = (penalised.kl * mask).sum(-1).mean()
-    beta = hp.kl.update(state.beta, mean_kl, b)
     non_score = (-state.beta * penalised.kl * mask).sum(-1)
     metrics = {k: v.mean() for k, v in stats.items()}
     metrics["approx_kl_last_epoch"] = stats["approx_kl"][-m:].mean()
@@ -191,9 +260,11 @@ def ppo_update(defs: dict, hp: PPOHyperparams, tx: optax.GradientTransformation,
         "beta": state.beta,
         "non_score_reward": non_score.mean(),
         "total_reward": (non_score + rollout.scores).mean(),
-        "explained_variance": core.explained_variance(rollout.values, returns, mask),
-        "returns_mean": core.masked_mean(returns, mask),
         "response_length": mask.sum(-1).mean(),
     })
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, beta=beta)
-    return new_state, metrics
+    if hp.uses_critic:
+        metrics["explained_variance"] = core.explained_variance(rollout.values, returns, mask)
+        metrics["returns_mean"] = core.masked_mean(returns, mask)
+    else:
+        metrics["advantage_abs_mean"] = core.masked_mean(jnp.abs(advantages), mask)
+    return metrics

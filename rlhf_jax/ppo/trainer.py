@@ -60,10 +60,20 @@ def rollout(s: PPOSetup, batch: dict, it: int, want_text: bool):
                     logprobs=logp, ref_logprobs=ref_logp, values=values, scores=scores_g), extra, texts, scores)
 
 
+def _repeated(batches, k: int):
+    """Each prompt row k times in a row (prompt-major), for the k samples of RLOO / GRPO."""
+    for batch in batches:
+        yield {name: np.repeat(v, k, axis=0) for name, v in batch.items()} if k > 1 else batch
+
+
 def _iterators(s: PPOSetup, start: int):
+    """Prompt batches of ppo.batch_size sequences (batch_size / k prompts, each repeated k
+    times) and PPO-ptx batches."""
     pi, pc = jax.process_index(), jax.process_count()
-    prompts = data_lib.batches(s.prompts, batch_size=int(s.cfg.ppo.batch_size), seed=s.cfg.seed, start_step=start,
-                               num_epochs=None, process_index=pi, process_count=pc)
+    k = s.hp.samples_per_prompt
+    prompts = data_lib.batches(s.prompts, batch_size=int(s.cfg.ppo.batch_size) // k, seed=s.cfg.seed,
+                               start_step=start, num_epochs=None, process_index=pi, process_count=pc)
+    prompts = _repeated(prompts, k)
     ptx = None
     if s.ptx_data is not None:
         ptx = data_lib.batches(s.ptx_data, batch_size=int(s.cfg.ppo.ptx_batch_size), seed=s.cfg.seed,
@@ -91,8 +101,9 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
     prompt_it, ptx_it = _iterators(s, start)
     writer = MetricWriter(s.rt.workdir, tensorboard=cfg.train.tensorboard)
     if s.rt.is_main:
-        print(f"stage=ppo iterations={num_updates} policy trainable={count(s.state.params['policy']):,} "
-              f"critic={s.hp.critic} rm={'yes' if s.models.rm_params is not None else 'no'} "
+        print(f"stage=ppo iterations={num_updates} advantage={s.hp.advantage} k={s.hp.samples_per_prompt} "
+              f"policy trainable={count(s.state.params['policy']):,} "
+              f"critic={s.hp.critic if s.hp.uses_critic else 'none'} rm={'yes' if s.models.rm_params is not None else 'no'} "
               f"reward_functions={len(s.reward_fns)} mesh={dict(s.rt.mesh.shape)} devices={jax.device_count()} "
               f"processes={jax.process_count()}")
     bar = tqdm(total=num_updates, initial=start, desc="ppo", dynamic_ncols=True) if (
