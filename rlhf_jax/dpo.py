@@ -7,19 +7,38 @@ of summed sequence log-probs (policy and frozen reference, one value per pair); 
 return (sum, weight) like `reward.rm_loss`, so accumulation gives exact weighted means.
 Padding (pairs of weight 0, tokens of mask 0) may hold nan/inf: it is read only through
 `jnp.where`, and values and gradients stay finite.
+
+The `dpo` stage of the training loop (`train/loop.py`) uses the second half of this module:
+`stage_loss` over preference batches (with `response_mask` and `pair_weight`), and
+`setup_reference`, which either puts the frozen reference's arrays in the train state under
+`REFERENCE_PREFIX` (log-probs on the fly, one extra forward pass per step) or computes its
+log-probs once before training and stores them with the data (`ref_logps`), after which the
+reference is dropped.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from rlhf_jax import sft
+from rlhf_jax.data import Dataset, pack_groups
+from rlhf_jax.data.batching import PAIR_WEIGHTINGS, preference_batch
+from rlhf_jax.models import ModelDef, load_frozen
+from rlhf_jax.train.step import ReadsFrozen
 
 Array = jax.Array
 
-__all__ = ["DPO_LOSS_TYPES", "dpo_loss", "pair_weights", "sequence_logprobs"]
+__all__ = ["DPO_LOSS_TYPES", "REFERENCE_PREFIX", "attach_reference_logps", "batch_kwargs", "dpo_loss",
+           "hyperparams", "loss_fn", "pair_weights", "reference_model", "response_logprobs", "sequence_logprobs",
+           "setup_reference", "stage_loss"]
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 """`dpo_loss` loss types by config name."""
@@ -159,3 +178,147 @@ def pair_weights(group_sizes) -> np.ndarray:
         n_pairs = math.comb(int(k), 2)
         weights.append(np.full(n_pairs, 1.0 / n_pairs, np.float32))
     return np.concatenate(weights) if weights else np.zeros(0, np.float32)
+
+
+# ----------------------------------------------------------------------------- the dpo stage
+REFERENCE_PREFIX = "reference/"
+"""Frozen-dict prefix of the reference's arrays (dotted parameter names never hold '/')."""
+
+
+def hyperparams(cfg) -> dict:
+    """`cfg.dpo`'s loss settings, each checked with an error naming its field."""
+    d = cfg.get("dpo")
+    if d is None:
+        raise ValueError("stage='dpo' needs a dpo section: start from configs/dpo.py")
+    if d.loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo.loss_type={d.loss_type!r} is not one of {list(DPO_LOSS_TYPES)}")
+    if not float(d.beta) > 0:
+        raise ValueError(f"dpo.beta must be > 0, got {d.beta}")
+    if not 0.0 <= float(d.label_smoothing) < 0.5 or (d.label_smoothing and d.loss_type != "sigmoid"):
+        raise ValueError(f"dpo.label_smoothing must be in [0, 0.5) and 0 unless loss_type='sigmoid', "
+                         f"got {d.label_smoothing} with loss_type={d.loss_type!r}")
+    return dict(beta=float(d.beta), loss_type=str(d.loss_type), label_smoothing=float(d.label_smoothing))
+
+
+def batch_kwargs(cfg) -> dict:
+    """`data.batches` arguments of a DPO micro-batch: RM-style groups plus the DPO keys."""
+    d = cfg.dpo
+    if d.pair_weighting not in PAIR_WEIGHTINGS:
+        raise ValueError(f"dpo.pair_weighting={d.pair_weighting!r} is not one of {list(PAIR_WEIGHTINGS)}")
+    return dict(max_responses=int(d.max_responses), max_pairs=int(d.max_pairs), response_mask=True,
+                pair_weighting=d.pair_weighting)
+
+
+def response_logprobs(model, batch: dict) -> Array:
+    """log π(response | prompt) per row [N]: token log-probs summed over `response_mask`.
+
+    batch: input_ids, attention_mask int32[N, T], response_mask float32[N, T] (position t
+    predicts token t + 1, so the mask is read from t = 1)."""
+    ids_NT = batch["input_ids"]
+    logits_NTV = model(ids_NT, batch["attention_mask"])
+    logp_NT = sft.token_logprobs(logits_NTV[:, :-1], ids_NT[:, 1:])
+    return sequence_logprobs(logp_NT, batch["response_mask"][:, 1:])
+
+
+def reference_model(model, frozen: dict):
+    """The policy's structure with the reference's values: every `REFERENCE_PREFIX` entry of
+    `frozen` replaces the variable of that name (only the trainable ones when the reference is
+    the starting policy, whose frozen layers the policy still holds)."""
+    ref = {k[len(REFERENCE_PREFIX):]: v for k, v in frozen.items() if k.startswith(REFERENCE_PREFIX)}
+    if not ref:
+        raise ValueError("no reference parameters in the state and no precomputed ref_logps in the batch")
+    model_def, _, values = ModelDef.split(model, None)
+    return model_def.merge(values, ref)
+
+
+def stage_loss(model, batch: dict, frozen: dict, *, beta: float, loss_type: str,
+               label_smoothing: float) -> tuple[Array, Array, dict]:
+    """`dpo_loss` of a preference batch: (Σ w·loss, Σ w, stats), w = pair_weight · pair_mask.
+
+    The reference's log-probs are the batch's `ref_logps` [N] when precomputed, else one
+    forward pass of `reference_model(model, frozen)`; no gradient flows through them."""
+    logp_N = response_logprobs(model, batch)
+    if "ref_logps" in batch:
+        ref_N = batch["ref_logps"]
+    else:
+        ref_N = response_logprobs(reference_model(model, frozen), batch)
+    ref_N = jax.lax.stop_gradient(ref_N)
+    c_P, r_P = batch["chosen_idx"], batch["rejected_idx"]
+    w_P = batch["pair_weight"] * batch["pair_mask"]
+    loss_sum, weight_sum, stats = dpo_loss(logp_N[c_P], logp_N[r_P], ref_N[c_P], ref_N[r_P], w_P, beta=beta,
+                                           loss_type=loss_type, label_smoothing=label_smoothing)
+    stats["pairs_per_batch"] = (batch["pair_mask"].sum(), jnp.float32(1.0))
+    return loss_sum, weight_sum, stats
+
+
+def loss_fn(cfg) -> ReadsFrozen:
+    """The stage's loss(model, micro_batch, frozen) with `cfg.dpo`'s settings."""
+    return ReadsFrozen(functools.partial(stage_loss, **hyperparams(cfg)))
+
+
+def attach_reference_logps(dataset: Dataset, score: Callable[[dict], np.ndarray], max_responses: int,
+                           max_pairs: int) -> Dataset:
+    """The dataset with every group's `ref_logps` [K] set from `score(batch) -> [N]`, run over
+    batches of whole groups in dataset order (so batch row i maps back to one response)."""
+    sizes = [(len(g.responses), len(g.chosen)) for g in dataset.examples]
+    groups = list(dataset.examples)
+    for plan in pack_groups(sizes, range(len(groups)), max_responses, max_pairs):
+        logp_N = np.asarray(score(preference_batch(dataset, plan, max_responses, max_pairs, response_mask=True)))
+        row = 0
+        for g in plan:
+            k = len(groups[g].responses)
+            groups[g] = dataclasses.replace(groups[g], ref_logps=logp_N[row:row + k].astype(np.float32))
+            row += k
+    return dataclasses.replace(dataset, examples=tuple(groups))
+
+
+def _logps_program(model_def: ModelDef, values: dict, batch: dict) -> Array:
+    return response_logprobs(model_def.merge(values), batch)
+
+
+def _scorer(rt, model_def: ModelDef, values: dict) -> Callable[[dict], np.ndarray]:
+    """score(global numpy batch) -> [N] numpy: each process feeds its rows, all get all."""
+    program = jax.jit(functools.partial(_logps_program, model_def), out_shardings=NamedSharding(rt.mesh, P()))
+    keys = ("input_ids", "attention_mask", "response_mask")
+    n, i = jax.process_count(), jax.process_index()
+
+    def score(batch: dict) -> np.ndarray:
+        local = [batch[k][i * len(batch[k]) // n:(i + 1) * len(batch[k]) // n] for k in keys]
+        return np.asarray(program(values, dict(zip(keys, rt.to_global(local)))))
+
+    return score
+
+
+def _load_reference(cfg, rt, model_def: ModelDef) -> tuple[ModelDef, dict]:
+    """`dpo.reference_path`'s model, which must have the policy's parameter names and shapes."""
+    ref_def, values, _ = load_frozen(cfg.dpo.reference_path, heads=("lm",), tokenizer=cfg.tokenizer, mesh=rt.mesh,
+                                     rules=rt.rules, seed=cfg.seed)
+    shapes = dict(zip(model_def.names, (tuple(v.get_value().shape) for _, v in model_def.variables)))
+    if shapes != {n: tuple(values[n].shape) for n in ref_def.names}:
+        raise ValueError(f"dpo.reference_path={cfg.dpo.reference_path!r}: its parameters differ in names or "
+                         "shapes from the policy's; the reference must be the same architecture")
+    return ref_def, values
+
+
+def setup_reference(cfg, rt, model_def: ModelDef, params: dict, frozen: dict, train_data: Dataset,
+                    eval_data: Dataset | None) -> tuple[dict, Dataset, Dataset | None]:
+    """The frozen reference (`dpo.reference_path`, or '' = the starting policy), either added
+    to `frozen` under `REFERENCE_PREFIX` or, with `dpo.precompute_reference`, scored once over
+    the train and eval data (stored as the groups' `ref_logps`) and dropped."""
+    d = cfg.dpo
+    if not isinstance(d.precompute_reference, bool):
+        raise ValueError(f"dpo.precompute_reference must be True or False, got {d.precompute_reference!r}")
+    if d.reference_path:
+        ref_def, ref_values = _load_reference(cfg, rt, model_def)
+    else:
+        # The starting policy: only its trainable arrays will move, so only they are copied.
+        ref_def, ref_values = model_def, {**frozen, **params}
+    if not d.precompute_reference:
+        moving = ref_values if d.reference_path else params
+        copies = {REFERENCE_PREFIX + k: jnp.copy(v) for k, v in moving.items()}  # never aliased by donation
+        return {**frozen, **copies}, train_data, eval_data
+    score = _scorer(rt, ref_def, ref_values)
+    sizes = (int(d.max_responses), int(d.max_pairs))
+    train_data = attach_reference_logps(train_data, score, *sizes)
+    eval_data = None if eval_data is None else attach_reference_logps(eval_data, score, *sizes)
+    return frozen, train_data, eval_data

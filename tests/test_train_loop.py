@@ -242,4 +242,4 @@ def test_config_errors_name_the_field(data_dir, tmp_path):
     with pytest.raises(ValueError, match="train.trainable"):
         run(tiny_config("sft", data_dir / "sft.jsonl", **{"train.trainable": "nothing_matches"}), tmp_path / "b")
     with pytest.raises(ValueError, match="stage"):
-        run(tiny_config("dpo", data_dir / "sft.jsonl"), tmp_path / "c")
+        run(tiny_config("no_such_stage", data_dir / "sft.jsonl"), tmp_path / "c")

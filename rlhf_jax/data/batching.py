@@ -5,8 +5,11 @@ compiles once. Batches: SFT `input_ids`, `attention_mask` [B, T] and `loss_mask`
 loss reads logits[:, :-1] against input_ids[:, 1:] weighted by loss_mask[:, 1:]); preference
 `input_ids`, `attention_mask` [N, T] (one row per response) with `chosen_idx`,
 `rejected_idx`, `margin`, `pair_mask` [P] (indices into the *global* batch; whole prompt
-groups are packed, InstructGPT-style); prompt `input_ids`, `attention_mask` [B, Tq] and
-`index` [B] (−1 for a padding row). Padding rows are all pad with masks 0.
+groups are packed, InstructGPT-style), and for DPO (`response_mask=True`, `pair_weighting`)
+also `response_mask` [N, T] (1 on each row's response tokens), `pair_weight` [P] and, when the
+groups carry precomputed reference log-probs, `ref_logps` [N]; prompt `input_ids`,
+`attention_mask` [B, Tq] and `index` [B] (−1 for a padding row). Padding rows are all pad with
+masks 0.
 
 Epoch e's order is a permutation from `default_rng([seed, e])`, steps count globally, and
 `start_step=s` resumes exactly at step s. Process i of n yields rows [i·B/n, (i+1)·B/n) of
@@ -59,10 +62,47 @@ def prompt_batch(dataset: Dataset, indices: Sequence[int]) -> dict[str, np.ndarr
     return {"input_ids": ids, "attention_mask": mask, "index": np.asarray(indices, np.int32)}
 
 
-def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int,
-                     max_pairs: int) -> dict[str, np.ndarray]:
+PAIR_WEIGHTINGS = ("per_pair", "per_prompt")
+
+
+def _dpo_fields(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int,
+                response_mask: bool, pair_weighting: str | None) -> dict[str, np.ndarray]:
+    """The optional DPO keys of `preference_batch` for the groups packed in this order.
+
+    response_mask [N, T]: 1 on the response tokens of each (left-padded) row. pair_weight [P]:
+    1 per pair ("per_pair") or 1/(pairs of its group) ("per_prompt": each comparison set
+    counts once however many responses were ranked); 0 on padding slots. ref_logps [N]: the
+    groups' precomputed reference log-probs (0 on padding rows), when every group has them.
+    """
+    exs = [dataset.examples[g] for g in groups]
+    out: dict[str, np.ndarray] = {}
+    if response_mask:
+        T, mask, row = dataset.seq_len, np.zeros((max_responses, dataset.seq_len), np.float32), 0
+        for group in exs:
+            if group.response_starts is None:
+                raise ValueError(f"{group.where}: this group has no response_starts (build it with "
+                                 "preference_dataset) so its response tokens are unknown")
+            for seq, start in zip(group.responses, group.response_starts):
+                mask[row, T - len(seq) + int(start):] = 1.0
+                row += 1
+        out["response_mask"] = mask
+    if pair_weighting is not None:
+        if pair_weighting not in PAIR_WEIGHTINGS:
+            raise ValueError(f"pair_weighting={pair_weighting!r} is not one of {PAIR_WEIGHTINGS}")
+        w = [np.full(len(g.chosen), 1.0 if pair_weighting == "per_pair" else 1.0 / len(g.chosen)) for g in exs]
+        weight = np.concatenate(w) if w else np.zeros(0)
+        out["pair_weight"] = np.concatenate([weight, np.zeros(max_pairs - len(weight))]).astype(np.float32)
+    if exs and all(g.ref_logps is not None for g in exs):
+        ref = np.concatenate([g.ref_logps for g in exs]).astype(np.float32)
+        out["ref_logps"] = np.concatenate([ref, np.zeros(max_responses - len(ref), np.float32)])
+    return out
+
+
+def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
+                     response_mask: bool = False, pair_weighting: str | None = None) -> dict[str, np.ndarray]:
     """Packs the preference groups at `groups` into one batch of N=max_responses response
-    rows and P=max_pairs pair slots (see the module docstring for the keys)."""
+    rows and P=max_pairs pair slots (see the module docstring for the keys; the DPO keys
+    only when asked for, so reward-model batches are unchanged)."""
     seqs: list[np.ndarray | None] = []
     chosen = np.zeros(max_pairs, np.int32)
     rejected = np.zeros(max_pairs, np.int32)
@@ -85,7 +125,8 @@ def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int
     seqs += [None] * (max_responses - len(seqs))
     ids, mask = left_pad(seqs, dataset.seq_len, dataset.pad_id)
     return {"input_ids": ids, "attention_mask": mask, "chosen_idx": chosen, "rejected_idx": rejected,
-            "margin": margin, "pair_mask": pair_mask}
+            "margin": margin, "pair_mask": pair_mask,
+            **_dpo_fields(dataset, groups, max_responses, max_pairs, response_mask, pair_weighting)}
 
 
 def _check_group_fits(group, max_responses: int, max_pairs: int) -> None:
@@ -171,7 +212,8 @@ def _check_args(dataset: Dataset, batch_size, max_responses, max_pairs, process_
 def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: int | None = None,
             max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, num_epochs: int | None = 1,
             start_step: int = 0, drop_last: bool = True, process_index: int = 0,
-            process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+            process_count: int = 1, response_mask: bool = False,
+            pair_weighting: str | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Iterates over this process's slice of every global batch (module docstring).
 
     Args:
@@ -184,6 +226,7 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       start_step: global step (counted from 0 over all epochs) of the first batch yielded.
       drop_last: drop (True) or pad (False) the last partial batch of each epoch.
       process_index, process_count: this process and the number of processes.
+      response_mask, pair_weighting: the optional DPO keys of preference batches.
 
     Returns:
       an iterator of batch dicts with local leading sizes B/n (or N/n and P/n).
@@ -202,7 +245,9 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
     def build(plan: list[int]) -> dict[str, np.ndarray]:
         if dataset.kind == "preference":
             # Built globally: a group's pairs may point at rows of another process's slice.
-            return {k: local(v) for k, v in preference_batch(dataset, plan, max_responses, max_pairs).items()}
+            return {k: local(v) for k, v in preference_batch(
+                dataset, plan, max_responses, max_pairs, response_mask=response_mask,
+                pair_weighting=pair_weighting).items()}
         rows = local(np.asarray(plan))
         return sft_batch(dataset, rows) if dataset.kind == "sft" else prompt_batch(dataset, rows)
 
@@ -220,9 +265,11 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
 
 def num_batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: int | None = None,
                 max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, epoch: int = 0,
-                drop_last: bool = True) -> int:
+                drop_last: bool = True, response_mask: bool = False, pair_weighting: str | None = None) -> int:
     """Number of batches in one epoch (for schedules). For preference data the packing, and so
-    the count, can differ slightly between epochs; this is the count of epoch `epoch`."""
+    the count, can differ slightly between epochs; this is the count of epoch `epoch`. The DPO
+    key options are accepted (and do not change the count) so batch kwargs can be passed as-is."""
+    del response_mask, pair_weighting
     _check_args(dataset, batch_size, max_responses, max_pairs, 0, 1)
     return len(_epoch_plan(dataset, epoch, batch_size=batch_size, max_responses=max_responses,
                            max_pairs=max_pairs, seed=seed, shuffle=shuffle, drop_last=drop_last))

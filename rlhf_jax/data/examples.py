@@ -68,6 +68,10 @@ class PreferenceGroup:
       margin: float32[P] per-pair margin (0 when the data has none).
       rows: 0-based indices of the source rows that gave the pairs.
       where: "file: row N" of the first of those rows, for messages.
+      response_starts: int32[K], where response k's own tokens begin in `responses[k]`
+        (after BOS and the kept prompt): DPO scores log π(response | prompt) from there.
+      ref_logps: float32[K] or None: log π_ref(response_k | prompt) under a frozen reference,
+        when DPO precomputes it once (`dpo.attach_reference_logps`).
     """
 
     prompt: str
@@ -77,6 +81,8 @@ class PreferenceGroup:
     margin: np.ndarray
     rows: tuple[int, ...]
     where: str
+    response_starts: np.ndarray | None = None
+    ref_logps: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +320,7 @@ def preference_dataset(path: Any, tokenizer: Any, *, format: str = "auto", max_l
             report.kept -= len(g["rows"])
             continue
         prompt_ids = enc(prompt)
-        responses = []
+        responses, starts = [], []
         for text in g["index"]:
             resp = enc.with_eos(enc(text))
             prefix = enc.prefix(prompt_ids or resp)
@@ -322,10 +328,12 @@ def preference_dataset(path: Any, tokenizer: Any, *, format: str = "auto", max_l
                                       None if max_prompt_length is None else max_prompt_length - len(prefix))
             report.truncated += p < len(prompt_ids) or r < len(resp)
             responses.append(np.asarray(prefix + prompt_ids[len(prompt_ids) - p:] + resp[:r], np.int32))
+            starts.append(len(prefix) + p)
         chosen, rejected, margin = zip(*g["pairs"])
         examples.append(PreferenceGroup(prompt, tuple(responses), np.asarray(chosen, np.int32),
                                         np.asarray(rejected, np.int32), np.asarray(margin, np.float32),
-                                        tuple(g["rows"]), "%s: row %d" % records.location(g["rows"][0])))
+                                        tuple(g["rows"]), "%s: row %d" % records.location(g["rows"][0]),
+                                        np.asarray(starts, np.int32)))
     report.log()
     return Dataset("preference", tuple(examples), max_length, tokenizer.pad_token_id, records.source, fmt, report)
 

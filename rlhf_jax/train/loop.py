@@ -1,4 +1,4 @@
-"""The config-driven training loop of the SFT and reward-model stages: `run(config, workdir)`.
+"""The config-driven training loop of the SFT, reward-model and DPO stages: `run(config, workdir)`.
 
 A run writes `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `model/` (a
 Hugging Face directory with its tokenizer) and `summary.json`; restarted with the same
@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import optim, reward_model, sft
+from rlhf_jax import dpo, optim, reward_model, sft
 from rlhf_jax.models import ModelDef, count, load_model, save_pretrained, to_host
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
@@ -30,7 +30,7 @@ from rlhf_jax.train.runtime import Runtime
 # --------------------------------------------------------------------------- stages
 @dataclasses.dataclass
 class Stage:
-    """What differs between SFT and reward modelling."""
+    """What differs between SFT, reward modelling and DPO."""
 
     heads: tuple[str, ...]
     build_data: Callable  # (config, tokenizer) -> (train Dataset, eval Dataset | None)
@@ -38,6 +38,9 @@ class Stage:
     loss_fn: Callable  # (config) -> loss(model, micro_batch) -> (sum, normaliser, stats)
     finalize: Callable | None = None
     after_training: Callable | None = None  # (config, StageRun) -> extra summary
+    # (config, Runtime, model_def, params, frozen, train, eval) -> (frozen, train, eval), before
+    # the state is built: DPO's reference (extra frozen arrays, or log-probs stored with the data).
+    setup: Callable | None = None
 
 
 def _train_and_held_out(cfg, load: Callable):
@@ -63,6 +66,12 @@ def _sft_data(cfg, tokenizer):
 def _rm_data(cfg, tokenizer):
     return _train_and_held_out(cfg, lambda path: data_lib.preference_dataset(
         path, tokenizer, max_responses=cfg.rm.max_responses, max_pairs=cfg.rm.max_pairs,
+        **_common_data_kwargs(cfg)))
+
+
+def _dpo_data(cfg, tokenizer):
+    return _train_and_held_out(cfg, lambda path: data_lib.preference_dataset(
+        path, tokenizer, max_responses=cfg.dpo.max_responses, max_pairs=cfg.dpo.max_pairs,
         **_common_data_kwargs(cfg)))
 
 
@@ -104,6 +113,13 @@ STAGES: dict[str, Stage] = {
         loss_fn=lambda cfg: functools.partial(reward_model.rm_loss, center_rewards_coef=cfg.rm.center_rewards_coef),
         after_training=_rm_after_training,
     ),
+    "dpo": Stage(
+        heads=("lm",),
+        build_data=_dpo_data,
+        batch_kwargs=dpo.batch_kwargs,
+        loss_fn=dpo.loss_fn,
+        setup=dpo.setup_reference,
+    ),
 }
 
 
@@ -114,7 +130,7 @@ def _stack(micro_batches: list[dict]) -> dict:
 
 @dataclasses.dataclass
 class StageRun:
-    """Everything a running SFT/RM stage holds: data, state and its compiled steps."""
+    """Everything a running SFT/RM/DPO stage holds: data, state and its compiled steps."""
 
     cfg: Any
     stage: Stage
@@ -183,6 +199,8 @@ def build(cfg, workdir) -> tuple[StageRun, Any]:
     if not params:
         raise ValueError(f"train.trainable={cfg.train.trainable!r} matches no parameter; names look like "
                          f"{model_def.names[:4]}")
+    if stage.setup is not None:
+        frozen, train_data, eval_data = stage.setup(cfg, rt, model_def, params, frozen, train_data, eval_data)
     state = step_lib.init_state(params, frozen, tx, rt.mesh)
     r = StageRun(cfg, stage, rt, tokenizer, train_data, eval_data, model_def, state, num_steps)
     r.compile(tx, schedule)
@@ -248,7 +266,7 @@ def train(r: StageRun, start: int, ckpt: Checkpointer, writer: MetricWriter, bar
 
 
 def run(cfg, workdir) -> dict:
-    """Trains the stage `cfg.stage` ('sft' or 'rm') and returns the summary dict."""
+    """Trains the stage `cfg.stage` ('sft', 'rm' or 'dpo') and returns the summary dict."""
     r, _ = build(cfg, workdir)
     ckpt = Checkpointer(r.rt.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpointing)

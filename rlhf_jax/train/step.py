@@ -7,6 +7,7 @@ loss function's sums and counts, so the update equals the one of a single big ba
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import flax.struct
@@ -19,6 +20,26 @@ from rlhf_jax.models import ModelDef
 
 # loss_fn(model, micro_batch) -> (objective_sum, normaliser, {metric: (sum, count)})
 LossFn = Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadsFrozen:
+    """A loss that also reads the state's frozen dict: `fn(model, micro_batch, frozen)`.
+
+    For losses of a second, untrained model held in `TrainState.frozen` (DPO's reference
+    under a name prefix): its arrays stay step arguments, sharded and checkpointed with the
+    state, rather than constants closed over by the compiled step."""
+
+    fn: Callable
+
+    def __call__(self, model, micro_batch, frozen):
+        return self.fn(model, micro_batch, frozen)
+
+
+def _call_loss(loss_fn: LossFn, model, micro_batch, frozen):
+    if isinstance(loss_fn, ReadsFrozen):
+        return loss_fn(model, micro_batch, frozen)
+    return loss_fn(model, micro_batch)
 
 
 @flax.struct.dataclass
@@ -52,7 +73,7 @@ def _accumulate(model_def: ModelDef, loss_fn: LossFn, state: TrainState, batch: 
     def one(carry, micro):
         def objective(params):
             model = model_def.merge(params, state.frozen)
-            total, norm, stats = loss_fn(model, micro)
+            total, norm, stats = _call_loss(loss_fn, model, micro, state.frozen)
             return total, (norm, stats)
 
         if with_grad:
@@ -68,7 +89,8 @@ def _accumulate(model_def: ModelDef, loss_fn: LossFn, state: TrainState, batch: 
 
     # Shapes of the per-micro-batch metrics, to start the sums at zero.
     micro0 = jax.tree.map(lambda x: x[0], batch)
-    stats_shape = jax.eval_shape(lambda p: loss_fn(model_def.merge(p, state.frozen), micro0)[2], state.params)
+    stats_shape = jax.eval_shape(lambda p: _call_loss(loss_fn, model_def.merge(p, state.frozen), micro0,
+                                                      state.frozen)[2], state.params)
     zero_stats = {k: (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)) for k in stats_shape}
     zero_grads = jax.tree.map(jnp.zeros_like, state.params) if with_grad else None
     (grads, norm, stats), _ = jax.lax.scan(one, (zero_grads, jnp.zeros((), jnp.float32), zero_stats), batch)
