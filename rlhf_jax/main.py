@@ -1,5 +1,5 @@
 """Command line: `python -m rlhf_jax.main --config FILE.py[:arg] --workdir DIR`, FILE.py a stage
-config (configs/sft.py, rm.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
+config (configs/pretrain.py, sft.py, rm.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
 
 Any config field can be overridden (`--config.optimizer.lr=1e-5`); re-running with the same
 workdir resumes from the latest checkpoint.
@@ -20,7 +20,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-RUNNERS = {"sft": run_stage, "rm": run_stage, "ppo": run_ppo, "rlhf": run_rlhf}
+RUNNERS = {"pretrain": run_stage, "sft": run_stage, "rm": run_stage, "ppo": run_ppo, "rlhf": run_rlhf}
 _PRINTED = ("eval/", "train/loss", "rm/", "ppo/score", "ppo/kl")
 
 
