@@ -1,5 +1,5 @@
 """Command line: `python -m rlhf_jax.main --config FILE.py[:arg] --workdir DIR`, FILE.py a stage
-config (configs/sft.py, rm.py, dpo.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
+config (configs/pretrain.py, sft.py, rm.py, dpo.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
 
 Any config field can be overridden (`--config.optimizer.lr=1e-5`); re-running with the same
 workdir resumes from the latest checkpoint.
@@ -29,7 +29,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, ImportError, NotImplementedError,
                TimeoutError)
 
-RUNNERS = {"sft": run_stage, "rm": run_stage, "dpo": run_stage, "ppo": run_ppo, "rlhf": run_rlhf}
+RUNNERS = {"pretrain": run_stage, "sft": run_stage, "rm": run_stage, "dpo": run_stage, "ppo": run_ppo, "rlhf": run_rlhf}
 _PRINTED = ("eval/", "train/loss", "rm/", "ppo/score", "ppo/kl")
 
 

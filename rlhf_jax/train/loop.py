@@ -1,9 +1,10 @@
-"""The config-driven training loop of the SFT, reward-model and DPO stages: `run(config, workdir)`.
+"""The config-driven training loop of the pretraining, SFT, reward-model and DPO stages: `run(config, workdir)`.
 
 A run writes `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `model/` (a
 Hugging Face directory with its tokenizer) and `summary.json`; restarted with the same
 workdir it resumes from the latest checkpoint, and since the data order is a pure function
-of (seed, step) it sees exactly the batches an uninterrupted run would.
+of (seed, step) it sees exactly the batches an uninterrupted run would. Pretraining streams
+packed text blocks instead; their position is saved with every checkpoint (`train.pretrain`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from rlhf_jax import data as data_lib
 from rlhf_jax import dpo, optim, reward_model, sft
 from rlhf_jax.models import ModelDef, count, load_model, save_pretrained, to_host
+from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
 from rlhf_jax.train.logging import MetricWriter, write_json_atomic
@@ -30,7 +32,7 @@ from rlhf_jax.train.runtime import Runtime
 # --------------------------------------------------------------------------- stages
 @dataclasses.dataclass
 class Stage:
-    """What differs between SFT, reward modelling and DPO."""
+    """What differs between the stages (pretraining, SFT, reward modelling, DPO)."""
 
     heads: tuple[str, ...]
     build_data: Callable  # (config, tokenizer) -> (train Dataset, eval Dataset | None)
@@ -41,6 +43,10 @@ class Stage:
     # (config, Runtime, model_def, params, frozen, train, eval) -> (frozen, train, eval), before
     # the state is built: DPO's reference (extra frozen arrays, or log-probs stored with the data).
     setup: Callable | None = None
+    # Streamed data (pretraining) instead of data.batches over examples:
+    stream: Callable | None = None  # (StageRun, start micro-batch, saved state | None) -> iterator with .state()
+    eval_stream: Callable | None = None  # (StageRun) -> held-out micro-batches
+    num_batches: Callable | None = None  # (config, train data) -> micro-batches per epoch
 
 
 def _train_and_held_out(cfg, load: Callable):
@@ -99,6 +105,17 @@ def _rm_after_training(cfg, r: "StageRun") -> dict:
 
 
 STAGES: dict[str, Stage] = {
+    "pretrain": Stage(
+        heads=("lm",),
+        build_data=pretrain_lib.pretrain_data,
+        batch_kwargs=lambda cfg: dict(batch_size=cfg.train.batch_size),
+        loss_fn=lambda cfg: sft.sft_loss,  # loss_mask is all ones: every token but a block's first
+        finalize=sft.finalize_sft_metrics,
+        after_training=pretrain_lib.unigram_baseline,
+        stream=pretrain_lib.train_stream,
+        eval_stream=pretrain_lib.eval_stream,
+        num_batches=pretrain_lib.num_batches,
+    ),
     "sft": Stage(
         heads=("lm",),
         build_data=_sft_data,
@@ -143,16 +160,21 @@ class StageRun:
     num_steps: int
     train_step: Callable = None
     eval_step: Callable = None
+    data_state: dict | None = None  # a streamed stage's saved position to resume from
+    train_iter: Any = None  # the streamed stage's current train iterator
 
     def batches(self, dataset, **kw):
         """Micro-batches of this process, sized by the stage's batch fields."""
         return data_lib.batches(dataset, process_index=jax.process_index(), process_count=jax.process_count(),
                                 **self.stage.batch_kwargs(self.cfg), **kw)
 
-    def stacked_batches(self, start_step: int):
+    def stacked_batches(self, start_step: int, data_state: dict | None = None):
         """Train batches [A, micro, ...] from `start_step` on (A = gradient accumulation)."""
         accum = int(self.cfg.train.grad_accum)
-        it = self.batches(self.train_data, seed=self.cfg.seed, start_step=start_step * accum, num_epochs=None)
+        if self.stage.stream is not None:
+            it = self.train_iter = self.stage.stream(self, start_step * accum, data_state)
+        else:
+            it = self.batches(self.train_data, seed=self.cfg.seed, start_step=start_step * accum, num_epochs=None)
         while True:
             yield _stack([next(it) for _ in range(accum)])
 
@@ -166,11 +188,23 @@ class StageRun:
         self.eval_step = step_lib.jit_eval_step(step_lib.make_eval_step(self.model_def, loss_fn), self.state,
                                                 self.rt.batch_shardings(example), self.rt.mesh)
 
+    def eval_batches(self):
+        """Held-out micro-batches in order, the last one padded."""
+        if self.stage.eval_stream is not None:
+            return self.stage.eval_stream(self)
+        return self.batches(self.eval_data, shuffle=False, drop_last=False)
+
+    def save(self, ckpt: Checkpointer, step: int, force: bool = False) -> None:
+        """A checkpoint of the state, and a streamed stage's data position with it."""
+        ckpt.save(step, self.state, force=force)
+        if self.stage.stream is not None and self.rt.is_main:
+            pretrain_lib.save_data_state(self.rt.workdir, step, self.train_iter.state())
+
     def evaluate(self) -> dict:
         if self.eval_data is None:
             return {}
         outs = []
-        for b in self.batches(self.eval_data, shuffle=False, drop_last=False):
+        for b in self.eval_batches():
             outs.append(self.eval_step(self.state, dict(zip(b, self.rt.to_global([v[None] for v in b.values()],
                                                                                   stacked=True)))))
             if self.cfg.train.eval_batches and len(outs) >= self.cfg.train.eval_batches:
@@ -189,7 +223,8 @@ def build(cfg, workdir) -> tuple[StageRun, Any]:
                                   seed=cfg.seed)
     train_data, eval_data = stage.build_data(cfg, tokenizer)
     accum = int(cfg.train.grad_accum)
-    per_epoch = data_lib.num_batches(train_data, seed=cfg.seed, **stage.batch_kwargs(cfg)) // accum
+    per_epoch = (stage.num_batches(cfg, train_data) if stage.num_batches else
+                 data_lib.num_batches(train_data, seed=cfg.seed, **stage.batch_kwargs(cfg))) // accum
     num_steps = int(cfg.train.num_steps) or per_epoch * int(cfg.train.num_epochs)
     if num_steps <= 0:
         raise ValueError(f"train.num_steps resolves to {num_steps}: {len(train_data)} examples give "
@@ -240,7 +275,7 @@ def train(r: StageRun, start: int, ckpt: Checkpointer, writer: MetricWriter, bar
         if bar is not None:
             bar.set_postfix(loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_second']:.0f}")
 
-    batches = r.stacked_batches(start)
+    batches = r.stacked_batches(start, r.data_state)
     for step in range(start, r.num_steps):
         batch, done = next(batches), step + 1
         throughput.dispatched(done, int(batch["attention_mask"].sum()) * jax.process_count())
@@ -257,7 +292,7 @@ def train(r: StageRun, start: int, ckpt: Checkpointer, writer: MetricWriter, bar
             last.update(writer.write(done, r.evaluate()))
             throughput.pause_ended()
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0:
-            ckpt.save(done, r.state)
+            r.save(ckpt, done)
         if bar is not None:
             bar.update(1)
     if pending is not None:
@@ -266,11 +301,12 @@ def train(r: StageRun, start: int, ckpt: Checkpointer, writer: MetricWriter, bar
 
 
 def run(cfg, workdir) -> dict:
-    """Trains the stage `cfg.stage` ('sft', 'rm' or 'dpo') and returns the summary dict."""
+    """Trains the stage `cfg.stage` ('pretrain', 'sft', 'rm' or 'dpo') and returns the summary dict."""
     r, _ = build(cfg, workdir)
     ckpt = Checkpointer(r.rt.workdir / "checkpoints", keep=cfg.train.keep_checkpoints,
                         async_save=cfg.train.async_checkpointing)
     r.state, start = resume(ckpt, r.state, r.rt.workdir)
+    r.data_state = pretrain_lib.load_data_state(r.rt.workdir, start) if start and r.stage.stream else None
     writer = MetricWriter(r.rt.workdir, tensorboard=cfg.train.tensorboard)
     n_params = count(r.state.params)
     if r.rt.is_main:
@@ -287,7 +323,7 @@ def run(cfg, workdir) -> dict:
     if final_eval:
         last.update(writer.write(r.num_steps, final_eval))
     if ckpt.latest_step() != r.num_steps:
-        ckpt.save(r.num_steps, r.state, force=True)
+        r.save(ckpt, r.num_steps, force=True)
     ckpt.close()
     extra = r.stage.after_training(cfg, r) if r.stage.after_training else {}
     save_pretrained(r.model_def.merge(r.state.params, r.state.frozen), r.rt.workdir / "model", tokenizer=r.tokenizer)
