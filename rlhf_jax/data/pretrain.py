@@ -33,6 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import datasets
 import numpy as np
 
 from rlhf_jax.data.records import SUPPORTED_SUFFIXES, _builder
@@ -135,8 +136,6 @@ def _path_documents(path: Path, text_field: str, doc_separator: str | None) -> D
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
-        import datasets  # slow to import; only needed for datasets sources
-
         ds = datasets.load_from_disk(str(path))
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
@@ -167,7 +166,6 @@ def _file_kind(path: Path) -> str | None:
 
 
 def _open_data_file(path: Path):
-    import datasets
 
     return datasets.load_dataset(_file_kind(path), data_files=str(path), split="train", streaming=True)
 
