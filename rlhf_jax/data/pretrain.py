@@ -166,7 +166,6 @@ def _file_kind(path: Path) -> str | None:
 
 
 def _open_data_file(path: Path):
-
     return datasets.load_dataset(_file_kind(path), data_files=str(path), split="train", streaming=True)
 
 
