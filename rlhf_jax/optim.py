@@ -28,7 +28,7 @@ def learning_rate_schedule(lr: float, total_steps: int, warmup_steps: int = 0, d
 
 def _check(cfg) -> None:
     """Every field in range, or a ValueError naming it (a negative lr trains to garbage)."""
-    checks = [("lr", cfg.lr > 0, "> 0"), ("b1", 0 <= cfg.b1 < 1, "in [0, 1)"), ("b2", 0 <= cfg.b2 < 1, "in [0, 1)"),
+    checks = [("lr", cfg.lr >= 0, ">= 0"), ("b1", 0 <= cfg.b1 < 1, "in [0, 1)"), ("b2", 0 <= cfg.b2 < 1, "in [0, 1)"),
               ("eps", cfg.eps > 0, "> 0"), ("weight_decay", cfg.weight_decay >= 0, ">= 0"),
               ("max_grad_norm", (cfg.max_grad_norm or 0) >= 0, ">= 0 (0 = no clipping)"),
               ("final_lr_fraction", 0 <= cfg.get("final_lr_fraction", 0.0) <= 1, "in [0, 1]")]
