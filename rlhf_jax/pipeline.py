@@ -286,3 +286,29 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     write_json_atomic(workdir / f"summary_{alg}.json", summary)
     _report(summary, plot)
     return summary
+
+
+def algorithms_table(rows: list[dict]) -> str:
+    """Markdown table of pipeline summaries: gold score, KL to SFT, policy-step wall time."""
+    lines = ["| policy | gold score | KL to SFT (nats) | policy-step wall time (s) |",
+             "|--------|-----------:|-----------------:|--------------------------:|",
+             f"| SFT | {rows[0]['gold_score_sft']:+.3f} | 0 | |"]
+    for r in rows:
+        kl = "-" if r["kl_to_sft"] is None else f"{r['kl_to_sft']:.2f}"
+        name = r["algorithm"].upper()
+        if r["algorithm"] == "best_of_n":
+            name, kl = f"best-of-{r['best_of_n/n']}", f"{kl} (plug-in {r['kl_to_sft_plugin']:.2f})"
+        lines.append(f"| {name} | {r['gold_score_policy']:+.3f} | {kl} | {r['policy_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def run_algorithms(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]:
+    """The pipeline once per `cfg.algorithms` (configs `cfg.runs[alg]`), one table. With one round
+    the runs share `workdir` (SFT, comparisons and RM made once); else each has workdir/<alg>."""
+    workdir = Path(workdir)
+    rows = [run_rlhf(cfg.runs[alg], workdir if cfg.rounds == 1 else workdir / alg) for alg in cfg.algorithms]
+    text = algorithms_table(rows)
+    atomic_write_text(workdir / "algorithms.md", text + "\n")
+    write_json_atomic(workdir / "algorithms.json", {"rows": rows})
+    print("\n" + text)
+    return rows

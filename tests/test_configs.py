@@ -16,10 +16,11 @@ CONFIG_FILES = sorted([*ROOT.glob("configs/*.py"), *ROOT.glob("experiments/*.py"
 VARIANTS = {"configs/sft.py": ["smollm2", "variant=tiny"], "configs/rm.py": ["smollm2"],
             "experiments/quickstart.py": ["rounds=2", "2", "algorithm=rloo", "algorithm=grpo,rounds=2",
                                           "algorithm=best_of_n"],
+            "experiments/algorithms.py": ["algorithms=ppo+best_of_n,rounds=2"],
             "configs/rloo.py": ["k=8"], "configs/grpo.py": ["k=4,scale_by_std=false"]}
 STAGES = {"configs/common.py": "sft", "configs/sft.py": "sft", "configs/rm.py": "rm", "configs/ppo.py": "ppo",
           "configs/rloo.py": "ppo", "configs/grpo.py": "ppo",
-          "experiments/quickstart.py": "rlhf", "experiments/sft_smollm2.py": "sft",
+          "experiments/quickstart.py": "rlhf", "experiments/algorithms.py": "algorithms", "experiments/sft_smollm2.py": "sft",
           "experiments/rm_hh_smollm2.py": "rm"}
 
 
