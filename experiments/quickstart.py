@@ -8,7 +8,8 @@ words and errs 10% of the time; a reward model learns those preferences; PPO opt
 policy against it with a KL penalty to the SFT model. The gold scorer is read only by the
 labeler and by the final evaluation. The stages are configs/sft.py, rm.py and ppo.py with
 the fields below changed (the pipeline sets each stage's data path and starting model).
-Variants: `experiments/quickstart.py:rounds=2`.
+Variants: `experiments/quickstart.py:rounds=2`; `:algorithm=rloo` (or grpo, best_of_n, dpo) picks the
+policy step of every round (rlhf_jax/pipeline.py); experiments/algorithms.py runs them all.
 
 What it printed (seed 0; 130 s of pipeline, about 2.5 minutes in all, on 2 CPU cores; measured on
 the current code, and bit-identical before and after the consolidation of the glue):
@@ -58,14 +59,15 @@ def _rm() -> ml_collections.ConfigDict:
     return c
 
 
-def _ppo() -> ml_collections.ConfigDict:
-    c = load_config(CONFIGS / "ppo.py")
+def _ppo(algorithm: str) -> ml_collections.ConfigDict:
+    """The policy-gradient stage: configs/ppo.py, or rloo.py / grpo.py (k samples per prompt)."""
+    c = load_config(CONFIGS / f"{algorithm if algorithm in ('rloo', 'grpo') else 'ppo'}.py")
     c.data.path = ""  # the task's prompts, written by the pipeline
     c.data.max_prompt_length = 24
     c.sampling.max_new_tokens = 40
     c.ppo.num_updates = 40
-    c.ppo.batch_size = 64
-    c.ppo.init_beta = 0.05
+    c.ppo.batch_size = 64  # sequences: the same sample budget (40 × 64) for PPO, RLOO and GRPO
+    c.ppo.init_beta = 0.05 if algorithm != "grpo" else c.ppo.init_beta  # GRPO: configs/grpo.py's k3-loss beta
     c.ppo.kl_target = 0.0
     c.optimizer.lr = 1e-3
     c.train.checkpoint_every = 20
@@ -73,12 +75,15 @@ def _ppo() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, rounds=1)
+    arg = parse_arg(arg, rounds=1, algorithm="ppo")
+    if arg.algorithm not in ("ppo", "rloo", "grpo", "dpo", "best_of_n"):
+        raise ValueError(f"algorithm={arg.algorithm!r} is not one of ppo, rloo, grpo, dpo, best_of_n")
     c = ml_collections.ConfigDict()
     c.stage = "rlhf"
     c.seed = 0
     c.task = "word_sentiment"
     c.rounds = arg.rounds
+    c.algorithm = arg.algorithm  # ppo, rloo, grpo, dpo or best_of_n: the policy step of every round
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))  # given to every stage
     c.data = ml_collections.ConfigDict(dict(num_demos=2048, num_train_prompts=512, num_eval_prompts=256))
     c.collect = ml_collections.ConfigDict(dict(num_prompts=512, num_responses=2, max_new_tokens=40,
@@ -88,5 +93,12 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(max_new_tokens=40, temperature=0.7, batch_size=256))
     c.sft = _sft()
     c.rm = _rm()
-    c.ppo = _ppo()
+    c.ppo = _ppo(arg.algorithm)
+    # Best-of-n samples at evaluation: n = 10 per eval prompt is 2560 samples, the PG stage's 40 × 64.
+    c.best_of_n = ml_collections.ConfigDict(dict(n=10))
+    if (CONFIGS / "dpo.py").exists():  # the DPO stage (online DPO rounds train on the comparisons)
+        c.dpo = load_config(CONFIGS / "dpo.py")
+        c.dpo.data.path = ""  # the round's preferences, exported by the pipeline
+    elif arg.algorithm == "dpo":
+        raise ValueError("algorithm=dpo needs configs/dpo.py (the DPO stage), which this checkout lacks")
     return c

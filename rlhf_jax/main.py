@@ -14,7 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from rlhf_jax.pipeline import run_rlhf
+from rlhf_jax.pipeline import run_algorithms, run_rlhf
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.train.loop import run as run_stage
 
@@ -29,7 +29,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 USER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, FileNotFoundError, ImportError, NotImplementedError,
                TimeoutError)
 
-RUNNERS = {"pretrain": run_stage, "sft": run_stage, "rm": run_stage, "dpo": run_stage, "ppo": run_ppo, "rlhf": run_rlhf}
+RUNNERS = {"pretrain": run_stage, "sft": run_stage, "rm": run_stage, "dpo": run_stage, "ppo": run_ppo, "rlhf": run_rlhf,
+           "algorithms": run_algorithms}
 _PRINTED = ("eval/", "train/loss", "rm/", "ppo/score", "ppo/kl")
 
 
@@ -40,7 +41,7 @@ def main(argv):
     if cfg.stage not in RUNNERS:
         raise ValueError(f"config stage={cfg.stage!r} is not one of {sorted(RUNNERS)}")
     summary = RUNNERS[cfg.stage](cfg, _WORKDIR.value)
-    if cfg.stage == "rlhf":
+    if cfg.stage in ("rlhf", "algorithms"):
         return  # the pipeline prints its own table
     for k in sorted(k for k in summary if k.startswith(_PRINTED)):
         print(f"{k:32s} {summary[k]}")

@@ -1,4 +1,9 @@
-"""The whole RLHF loop: SFT → (collect comparisons → label → RM → PPO) × rounds → evaluation.
+"""The whole RLHF loop: SFT → (collect comparisons → label → RM → policy step) × rounds → evaluation.
+
+`algorithm` picks the policy step of every round: "ppo", "rloo" or "grpo" (the policy-gradient
+stage, `ppo.advantage` gae / rloo / grpo, against the round's RM), "dpo" (online / iterative
+DPO on the comparisons so far, no RM) or "best_of_n" (no training: the policy stays the SFT
+model and the evaluation keeps the best of `best_of_n.n` samples by the last round's RM).
 
     python -m rlhf_jax.main --config experiments/quickstart.py --workdir runs/quickstart
 
@@ -6,9 +11,10 @@ Layout of the workdir:
   data/            the task's demonstrations and prompts (built in: nothing is downloaded)
   sft/             the SFT run (a stage workdir: metrics, checkpoints, model/)
   comparisons/     the comparison store of every round (rlhf_jax.feedback.ComparisonStore)
-  round_N/         preferences.jsonl (all comparisons so far), rm/ and ppo/ stage workdirs
-  ppo_curves.png   the last PPO run's curves
-  summary.json     gold score of the SFT and PPO policies, RM accuracy, KL
+  round_N/         preferences.jsonl (all comparisons so far), rm/ and <algorithm>/ stage workdirs
+  ppo_curves.png   the last policy-gradient run's curves
+  summary.json     gold score of the SFT policy and the algorithm's, RM accuracy, KL to SFT, seconds
+                   (also summary_<algorithm>.json: with one round, algorithms can share a workdir)
 
 Each stage resumes from its own checkpoints and a finished stage (it has summary.json) is
 skipped, so a killed pipeline restarted with the same workdir continues where it stopped.
@@ -24,15 +30,21 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from rlhf_jax.best_of_n import best_of_n, rm_score_fn
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.fileio import atomic_write_text
 from rlhf_jax.feedback.collect import collect_comparisons, generate_texts
 from rlhf_jax.feedback.labelers import GoldLabeler, label_store
 from rlhf_jax.feedback.rm_labeler import RMLabeler
 from rlhf_jax.ppo.trainer import run_ppo
+from rlhf_jax.reward_model import RMScorer
 from rlhf_jax.tasks import get_task
 from rlhf_jax.train.logging import read_metrics, write_json_atomic
+from rlhf_jax.train import loop as loop_lib
 from rlhf_jax.train.loop import run as run_stage
+
+ALGORITHMS = ("ppo", "rloo", "grpo", "dpo", "best_of_n")
+_ADVANTAGE = {"ppo": "gae", "rloo": "rloo", "grpo": "grpo"}  # the policy-gradient stage's ppo.advantage
 
 
 def _write_jsonl(path: Path, rows) -> Path:
@@ -123,10 +135,54 @@ def _label(cfg, task, store: ComparisonStore, ids: list[str]) -> None:
         raise ValueError(f"labeler.kind={kind!r} is not one of 'gold', 'rm', 'human'")
 
 
+def _timed_stage(cfg: ml_collections.ConfigDict, workdir: Path, runner) -> tuple[dict, float]:
+    """`_stage` and its wall time in seconds, kept in workdir/wall_seconds.json for a rerun."""
+    path = workdir / "wall_seconds.json"
+    t0 = time.time()
+    summary = _stage(cfg, workdir, runner)
+    if path.exists():
+        return summary, float(json.loads(path.read_text())["seconds"])
+    seconds = time.time() - t0
+    write_json_atomic(path, {"seconds": seconds})
+    return summary, seconds
+
+
+def _check_dpo(cfg) -> None:
+    if "dpo" not in loop_lib.STAGES or "dpo" not in cfg:
+        raise NotImplementedError("algorithm='dpo' needs the 'dpo' stage of rlhf_jax/train/loop.py and a cfg.dpo "
+                                  "stage config (configs/dpo.py); this checkout lacks one of them")
+
+
+def _dpo_step(cfg, rd: Path, prefs: Path, policy: Path, sft_model: Path) -> tuple[dict, float]:
+    """Online / iterative DPO: the DPO stage on every comparison so far, from the current policy."""
+    _check_dpo(cfg)
+    fields = {"data.path": str(prefs), "model.init": "pretrained", "model.path": str(policy)}
+    if "reference_path" in cfg.dpo.get("dpo", {}):
+        fields["dpo.reference_path"] = str(sft_model)  # the KL anchor stays the SFT model, as in PPO
+    return _timed_stage(_with(cfg.dpo, cfg, **fields), rd / "dpo", run_stage)
+
+
+def _policy_step(cfg, rd: Path, prefs: Path, policy: Path, sft_model: Path, prompts_file: Path):
+    """The round's optimisation: (step summary, step workdir or None, new policy, seconds)."""
+    alg = cfg.algorithm
+    if alg == "dpo":
+        summary, seconds = _dpo_step(cfg, rd, prefs, policy, sft_model)
+        return summary, rd / "dpo", rd / "dpo" / "model", seconds
+    if alg == "best_of_n":
+        return {}, None, policy, 0.0  # sampling happens at evaluation, with this round's RM
+    step_dir = rd / alg
+    fields = {"data.path": str(prompts_file), "model.init": "pretrained", "model.path": str(policy),
+              "reward.rm_path": str(rd / "rm" / "model"), "ppo.reference_path": str(sft_model),
+              "ppo.advantage": _ADVANTAGE[alg]}
+    summary, seconds = _timed_stage(_with(cfg.ppo, cfg, **fields), step_dir, run_ppo)
+    return summary, step_dir, step_dir / "model", seconds
+
+
 def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: Path, sft_model: Path,
-           train_prompts: list[str], prompts_file: Path) -> tuple[dict, dict, Path]:
-    """One round: collect from `policy`, label, retrain the RM on every comparison so far,
-    PPO from `policy`; returns (RM summary, PPO summary, PPO workdir)."""
+           train_prompts: list[str], prompts_file: Path):
+    """One round: collect from `policy`, label, retrain the RM on every comparison so far (not
+    for DPO), then the algorithm's policy step from `policy`; returns (RM summary, step summary,
+    step workdir, new policy, step seconds)."""
     rd = workdir / f"round_{rnd}"
     start = (rnd - 1) * cfg.collect.num_prompts % max(len(train_prompts), 1)
     round_prompts = [train_prompts[(start + i) % len(train_prompts)] for i in range(cfg.collect.num_prompts)]
@@ -137,31 +193,60 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
     prefs = rd / "preferences.jsonl"
     rd.mkdir(parents=True, exist_ok=True)
     store.export_preferences(prefs)  # every comparison so far: the RM is retrained on all of them
-    rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",
-                                              "model.path": str(sft_model)}), rd / "rm", run_stage)
-    ppo_dir = rd / "ppo"
-    ppo_summary = _stage(_with(cfg.ppo, cfg, **{"data.path": str(prompts_file), "model.init": "pretrained",
-                                                "model.path": str(policy), "reward.rm_path": str(rd / "rm" / "model"),
-                                                "ppo.reference_path": str(sft_model)}), ppo_dir, run_ppo)
-    return rm_summary, ppo_summary, ppo_dir
+    rm_summary = {}
+    if cfg.algorithm != "dpo":
+        rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",
+                                                  "model.path": str(sft_model)}), rd / "rm", run_stage)
+    return (rm_summary, *_policy_step(cfg, rd, prefs, policy, sft_model, prompts_file))
+
+
+def _best_of_n_eval(cfg, task, workdir: Path, sft_model: Path, prompts: list[str]) -> tuple[float, dict, float]:
+    """Gold score of best-of-n from the SFT policy by the last round's RM, its KL metrics, seconds."""
+    t0 = time.time()
+    scorer = RMScorer(workdir / f"round_{cfg.rounds}" / "rm" / "model", max_length=int(cfg.rm.data.max_length),
+                      batch_size=int(cfg.eval.batch_size))
+    out = best_of_n(sft_model, prompts, rm_score_fn(scorer), n=int(cfg.best_of_n.n), seed=cfg.seed,
+                    max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                    batch_size=cfg.eval.batch_size)
+    return float(np.mean(task.gold_batch(prompts, out.texts))), out.metrics(), time.time() - t0
 
 
 def _report(summary: dict, plot) -> None:
+    alg = summary["algorithm"]
+    kl = summary["kl_to_sft"]
     table = [("policy", "gold score", "RM accuracy", "KL to SFT (nats)"),
              ("SFT", f"{summary['gold_score_sft']:+.3f}", "", "0"),
-             ("PPO", f"{summary['gold_score_ppo']:+.3f}",
+             (alg.upper() if alg != "best_of_n" else f"BoN-{summary['best_of_n/n']}",
+              f"{summary['gold_score_policy']:+.3f}",
               f"{summary['rm_eval_accuracy']:.3f}" if summary["rm_eval_accuracy"] else "-",
-              f"{summary['ppo_kl_final']:.2f}" if summary["ppo_kl_final"] is not None else "-")]
+              f"{kl:.2f}" if kl is not None else "-")]
     print()
     for row in table:
         print(f"| {row[0]:<6} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
-    print(f"\n{summary['comparisons']} comparisons, {summary['labels']} labels, {summary['seconds']:.0f} s; "
-          f"curves: {plot}")
+    print(f"\n{summary['comparisons']} comparisons, {summary['labels']} labels, {summary['seconds']:.0f} s "
+          f"({summary['policy_seconds']:.0f} s in the {alg} step); curves: {plot}")
+
+
+def _policy_summary(cfg, step_summary: dict, bon: dict | None) -> dict:
+    """The algorithm's KL to SFT (its last rollouts' for PPO/RLOO/GRPO, analytic for best-of-n)."""
+    if bon is not None:
+        return {**bon, "kl_to_sft": bon["best_of_n/kl_analytic"], "kl_to_sft_plugin": bon["best_of_n/kl_plugin"]}
+    if cfg.algorithm == "dpo":
+        return {"kl_to_sft": step_summary.get("kl_to_sft")}
+    return {"kl_to_sft": step_summary.get("ppo/kl"), "ppo_kl_final": step_summary.get("ppo/kl"),
+            "ppo_rm_score_first": step_summary.get("ppo/score_first"),
+            "ppo_rm_score_last": step_summary.get("ppo/score_last")}
 
 
 def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    alg = cfg.get("algorithm", "ppo")
+    if alg not in ALGORITHMS:
+        raise ValueError(f"algorithm={alg!r} is not one of {ALGORITHMS}")
+    if alg == "dpo":
+        _check_dpo(cfg)  # before any stage runs
+    cfg = ml_collections.ConfigDict({**cfg.to_dict(), "algorithm": alg})
     write_json_atomic(workdir / "config.json", cfg.to_dict())
     task = get_task(cfg.task)
     t_start = time.time()
@@ -175,23 +260,55 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     _stage(_with(cfg.sft, cfg, **{"data.path": str(demos)}), sft_dir, run_stage)
     sft_model = policy = sft_dir / "model"
     store = ComparisonStore(workdir / "comparisons")
-    rm_summary, ppo_summary, ppo_dir = {}, {}, None
+    rm_summary, step_summary, step_dir, policy_seconds = {}, {}, None, 0.0
     for rnd in range(1, cfg.rounds + 1):
-        rm_summary, ppo_summary, ppo_dir = _round(cfg, rnd, workdir, store, task, policy, sft_model, train_prompts,
-                                                  prompts_file)
-        policy = ppo_dir / "model"
+        rm_summary, step_summary, step_dir, policy, seconds = _round(cfg, rnd, workdir, store, task, policy,
+                                                                     sft_model, train_prompts, prompts_file)
+        policy_seconds += seconds
 
-    print("[rlhf] evaluating the SFT and PPO policies with the gold scorer ...")
+    print(f"[rlhf] evaluating the SFT and {alg} policies with the gold scorer ...")
     gold_sft = gold_eval(task, sft_model, eval_prompts, cfg.eval, cfg.seed)
-    gold_ppo = gold_eval(task, policy, eval_prompts, cfg.eval, cfg.seed)
-    plot = plot_ppo(ppo_dir, workdir / "ppo_curves.png") if ppo_dir is not None else None
+    bon = None
+    if alg == "best_of_n":
+        gold, bon, seconds = _best_of_n_eval(cfg, task, workdir, sft_model, eval_prompts)
+        policy_seconds += seconds
+    else:
+        gold = gold_eval(task, policy, eval_prompts, cfg.eval, cfg.seed)
+    plot = plot_ppo(step_dir, workdir / "ppo_curves.png") if alg in _ADVANTAGE else None
     summary = {
-        "task": task.name, "rounds": cfg.rounds, "gold_score_sft": gold_sft, "gold_score_ppo": gold_ppo,
-        "gold_improvement": gold_ppo - gold_sft, "rm_eval_accuracy": rm_summary.get("eval/accuracy"),
-        "ppo_kl_final": ppo_summary.get("ppo/kl"), "ppo_rm_score_first": ppo_summary.get("ppo/score_first"),
-        "ppo_rm_score_last": ppo_summary.get("ppo/score_last"), "comparisons": len(store.items()),
-        "labels": len(store.labels()), "seconds": time.time() - t_start, "plot": str(plot) if plot else None,
+        "task": task.name, "rounds": cfg.rounds, "algorithm": alg, "gold_score_sft": gold_sft,
+        "gold_score_policy": gold, f"gold_score_{alg}": gold, "gold_improvement": gold - gold_sft,
+        "rm_eval_accuracy": rm_summary.get("eval/accuracy"), **_policy_summary(cfg, step_summary, bon),
+        "comparisons": len(store.items()), "labels": len(store.labels()), "policy_seconds": policy_seconds,
+        "seconds": time.time() - t_start, "plot": str(plot) if plot else None,
     }
     write_json_atomic(workdir / "summary.json", summary)
+    write_json_atomic(workdir / f"summary_{alg}.json", summary)
     _report(summary, plot)
     return summary
+
+
+def algorithms_table(rows: list[dict]) -> str:
+    """Markdown table of pipeline summaries: gold score, KL to SFT, policy-step wall time."""
+    lines = ["| policy | gold score | KL to SFT (nats) | policy-step wall time (s) |",
+             "|--------|-----------:|-----------------:|--------------------------:|",
+             f"| SFT | {rows[0]['gold_score_sft']:+.3f} | 0 | |"]
+    for r in rows:
+        kl = "-" if r["kl_to_sft"] is None else f"{r['kl_to_sft']:.2f}"
+        name = r["algorithm"].upper()
+        if r["algorithm"] == "best_of_n":
+            name, kl = f"best-of-{r['best_of_n/n']}", f"{kl} (plug-in {r['kl_to_sft_plugin']:.2f})"
+        lines.append(f"| {name} | {r['gold_score_policy']:+.3f} | {kl} | {r['policy_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def run_algorithms(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[dict]:
+    """The pipeline once per `cfg.algorithms` (configs `cfg.runs[alg]`), one table. With one round
+    the runs share `workdir` (SFT, comparisons and RM made once); else each has workdir/<alg>."""
+    workdir = Path(workdir)
+    rows = [run_rlhf(cfg.runs[alg], workdir if cfg.rounds == 1 else workdir / alg) for alg in cfg.algorithms]
+    text = algorithms_table(rows)
+    atomic_write_text(workdir / "algorithms.md", text + "\n")
+    write_json_atomic(workdir / "algorithms.json", {"rows": rows})
+    print("\n" + text)
+    return rows

@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG_FILES = sorted([*ROOT.glob("configs/*.py"), *ROOT.glob("experiments/*.py")])
 VARIANTS = {"configs/sft.py": ["smollm2", "variant=tiny"], "configs/rm.py": ["smollm2"],
-            "configs/dpo.py": ["smollm2"], "configs/pretrain.py": ["smollm2"], "configs/rloo.py": ["k=2"],
+            "configs/dpo.py": ["smollm2"], "configs/pretrain.py": ["smollm2"], "configs/rloo.py": ["k=8"],
             "configs/grpo.py": ["k=4,scale_by_std=false"],
-            "experiments/quickstart.py": ["rounds=2", "2"]}
+            "experiments/quickstart.py": ["rounds=2", "2", "algorithm=rloo", "algorithm=grpo,rounds=2",
+                                          "algorithm=best_of_n"],
+            "experiments/algorithms.py": ["algorithms=ppo+best_of_n,rounds=2"]}
 STAGES = {"configs/common.py": "sft", "configs/sft.py": "sft", "configs/rm.py": "rm", "configs/dpo.py": "dpo",
           "configs/ppo.py": "ppo", "configs/rloo.py": "ppo", "configs/grpo.py": "ppo", "configs/pretrain.py": "pretrain",
-          "experiments/quickstart.py": "rlhf", "experiments/sft_smollm2.py": "sft",
+          "experiments/quickstart.py": "rlhf", "experiments/algorithms.py": "algorithms", "experiments/sft_smollm2.py": "sft",
           "experiments/rm_hh_smollm2.py": "rm"}
 
 

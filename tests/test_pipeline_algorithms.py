@@ -1,0 +1,49 @@
+"""`algorithm` picks the pipeline's policy step: RLOO, GRPO and best-of-n rounds on a cut-down
+quickstart, sharing one workdir (the SFT model, comparisons and RM are made once)."""
+
+from pathlib import Path
+
+import pytest
+
+from rlhf_jax.config_lib import load_config
+from rlhf_jax.pipeline import run_rlhf
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "data.num_demos": 64, "data.num_train_prompts": 32, "data.num_eval_prompts": 8, "collect.num_prompts": 16,
+    "collect.batch_size": 32, "collect.max_new_tokens": 8, "eval.max_new_tokens": 8, "eval.batch_size": 8,
+    "sft.train.num_steps": 4, "sft.train.batch_size": 16, "rm.train.num_epochs": 1, "rm.rm.max_responses": 8,
+    "rm.rm.max_pairs": 4, "ppo.ppo.num_updates": 2, "ppo.ppo.batch_size": 16, "ppo.sampling.max_new_tokens": 8,
+    "sft.train.progress_bar": False, "rm.train.progress_bar": False, "ppo.train.progress_bar": False,
+    "rm.data.eval_fraction": 0.0, "sft.optimizer.warmup_steps": 0, "rm.optimizer.warmup_steps": 0,
+    "best_of_n.n": 3,
+}
+
+
+def _config(algorithm):
+    cfg = load_config(ROOT / "experiments" / "quickstart.py", f"algorithm={algorithm}")
+    cfg.mesh.num_devices = 1
+    cfg.update_from_flattened_dict(SMALL)
+    return cfg
+
+
+@pytest.mark.slow  # ~2 minutes on a busy 2-core machine
+def test_rloo_grpo_and_best_of_n_rounds(tmp_path):
+    rloo = run_rlhf(_config("rloo"), tmp_path)
+    assert rloo["algorithm"] == "rloo" and rloo["kl_to_sft"] is not None and rloo["policy_seconds"] > 0
+    assert (tmp_path / "round_1" / "rloo" / "model" / "model.safetensors").exists()
+    grpo = run_rlhf(_config("grpo"), tmp_path)  # reuses the SFT model, the comparisons and the RM
+    assert grpo["gold_score_sft"] == rloo["gold_score_sft"] and "gold_score_grpo" in grpo
+    bon = run_rlhf(_config("best_of_n"), tmp_path)
+    assert bon["best_of_n/n"] == 3 and bon["kl_to_sft"] == pytest.approx(1.0986122886681098 - 2 / 3)
+    assert 0 <= bon["kl_to_sft_plugin"] <= bon["kl_to_sft"] + 1e-9
+    assert not (tmp_path / "round_1" / "best_of_n").exists()
+    for alg in ("rloo", "grpo", "best_of_n"):
+        assert (tmp_path / f"summary_{alg}.json").exists()
+
+
+def test_dpo_without_the_dpo_stage_says_so(tmp_path):
+    cfg = _config("ppo")
+    cfg.algorithm = "dpo"
+    with pytest.raises((NotImplementedError, ValueError), match="dpo"):
+        run_rlhf(cfg, tmp_path)
