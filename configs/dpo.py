@@ -48,16 +48,18 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.checkpoint_every = 50
     if arg.variant == "smollm2":
-        # Sized for 2 CPU cores: 8 pairs a step, the last user turn and the response kept
-        # (prompts are cut from the left), the top 2 of 30 layers and the final norm trained.
+        # Sized for 2 CPU cores: 30 steps of 8 pairs, the last user turn and the response kept
+        # (prompts are cut from the left), the top 2 of 30 layers and the final norm trained;
+        # held-out evaluation at step 0 and at the end on the first 6 batches (48 pairs).
         c.model.init = "gguf"
         c.data.max_length = 160
         c.data.max_prompt_length = 96
-        c.optimizer.lr = 2e-5
-        c.optimizer.warmup_steps = 4
-        c.train.num_steps = 40
+        c.optimizer.lr = 5e-5
+        c.optimizer.warmup_steps = 3
+        c.train.num_steps = 30
         c.train.trainable = r"layers\.(2[89])\.|final_norm"
-        c.train.eval_every = 20
+        c.train.eval_every = 30
+        c.train.eval_batches = 6
         c.train.log_every = 5
-        c.train.checkpoint_every = 20
+        c.train.checkpoint_every = 10
     return c

@@ -306,6 +306,7 @@ def setup_reference(cfg, rt, model_def: ModelDef, params: dict, frozen: dict, tr
     to `frozen` under `REFERENCE_PREFIX` or, with `dpo.precompute_reference`, scored once over
     the train and eval data (stored as the groups' `ref_logps`) and dropped."""
     d = cfg.dpo
+    hyperparams(cfg)  # fail on a bad field before the reference pass, not after it
     if not isinstance(d.precompute_reference, bool):
         raise ValueError(f"dpo.precompute_reference must be True or False, got {d.precompute_reference!r}")
     if d.reference_path:
