@@ -42,8 +42,13 @@ def test_rloo_grpo_and_best_of_n_rounds(tmp_path):
         assert (tmp_path / f"summary_{alg}.json").exists()
 
 
-def test_dpo_without_the_dpo_stage_says_so(tmp_path):
-    cfg = _config("ppo")
-    cfg.algorithm = "dpo"
-    with pytest.raises((NotImplementedError, ValueError), match="dpo"):
-        run_rlhf(cfg, tmp_path)
+def test_dpo_rounds_train_on_the_comparisons(tmp_path):
+    cfg = _config("dpo")
+    cfg.update_from_flattened_dict({"dpo.train.num_steps": 2, "dpo.optimizer.warmup_steps": 0,
+                                    "dpo.train.eval_every": 0, "dpo.data.eval_fraction": 0.0,
+                                    "dpo.train.progress_bar": False, "dpo.dpo.max_responses": 8,
+                                    "dpo.dpo.max_pairs": 4, "dpo.data.max_length": 64})
+    summary = run_rlhf(cfg, tmp_path)
+    assert summary["algorithm"] == "dpo"
+    assert (tmp_path / "round_1" / "dpo" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "round_1" / "rm").exists()  # online DPO trains on the comparisons, no RM
