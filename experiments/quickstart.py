@@ -8,7 +8,8 @@ words and errs 10% of the time; a reward model learns those preferences; PPO opt
 policy against it with a KL penalty to the SFT model. The gold scorer is read only by the
 labeler and by the final evaluation. The stages are configs/sft.py, rm.py and ppo.py with
 the fields below changed (the pipeline sets each stage's data path and starting model).
-Variants: `experiments/quickstart.py:rounds=2`.
+Variants: `experiments/quickstart.py:rounds=2`; `experiments/quickstart.py:ptx=1.0` also runs
+PPO-ptx (the SFT loss on demonstrations mixed into PPO) and reports the alignment tax of both.
 
 What it printed (seed 0; 147 s of pipeline, 2.5 minutes in all, on 2 CPU cores):
 
@@ -72,7 +73,7 @@ def _ppo() -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, rounds=1)
+    arg = parse_arg(arg, rounds=1, ptx=0.0)
     c = ml_collections.ConfigDict()
     c.stage = "rlhf"
     c.seed = 0
@@ -84,7 +85,11 @@ def get_config(arg=None):
                                                temperature=0.8, batch_size=256))
     c.labeler = ml_collections.ConfigDict(dict(kind="gold", noise=0.1, rm_path="", wait_timeout_s=3600.0,
                                                poll_s=10.0))
-    c.eval = ml_collections.ConfigDict(dict(max_new_tokens=40, temperature=0.7, batch_size=256))
+    c.eval = ml_collections.ConfigDict(dict(max_new_tokens=40, temperature=0.7, batch_size=256,
+                                            lm_batch_size=64, lm_batches=0))  # held-out LM loss (0 = all)
+    # PPO-ptx: with coef > 0 the last round's PPO is run again mixing in demonstrations ('sft')
+    # or pretraining text ('pretrain'), and the alignment-tax table compares the two.
+    c.ptx = ml_collections.ConfigDict(dict(coef=arg.ptx, format="sft", batch_size=16))
     c.sft = _sft()
     c.rm = _rm()
     c.ppo = _ppo()

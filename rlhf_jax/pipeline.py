@@ -1,14 +1,17 @@
-"""The whole RLHF loop: SFT → (collect comparisons → label → RM → PPO) × rounds → evaluation.
+"""The whole RLHF loop: [pretrain →] SFT → (collect comparisons → label → RM → PPO) × rounds → evaluation.
 
     python -m rlhf_jax.main --config experiments/quickstart.py --workdir runs/quickstart
 
 Layout of the workdir:
   data/            the task's demonstrations and prompts (built in: nothing is downloaded)
+  pretrain/        with `cfg.pretrain` (a configs/pretrain.py config): stage 0, SFT's starting model
   sft/             the SFT run (a stage workdir: metrics, checkpoints, model/)
   comparisons/     the comparison store of every round (rlhf_jax.feedback.ComparisonStore)
   round_N/         preferences.jsonl (all comparisons so far), rm/ and ppo/ stage workdirs
   ppo_curves.png   the last PPO run's curves
-  summary.json     gold score of the SFT and PPO policies, RM accuracy, KL
+  round_N/ppo_ptx/ with `cfg.ptx.coef` > 0, the last round's PPO again with PPO-ptx
+  summary.json     gold score of the SFT and PPO policies, RM accuracy, KL, and the alignment
+                   tax: held-out LM loss on SFT demonstrations (and on pretraining text) per model
 
 Each stage resumes from its own checkpoints and a finished stage (it has summary.json) is
 skipped, so a killed pipeline restarted with the same workdir continues where it stopped.
@@ -24,6 +27,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from rlhf_jax import eval_lm
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.fileio import atomic_write_text
 from rlhf_jax.feedback.collect import collect_comparisons, generate_texts
@@ -32,6 +36,8 @@ from rlhf_jax.feedback.rm_labeler import RMLabeler
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.tasks import get_task
 from rlhf_jax.train.logging import read_metrics, write_json_atomic
+from rlhf_jax.models import load_tokenizer_of
+from rlhf_jax.train.loop import STAGES
 from rlhf_jax.train.loop import run as run_stage
 
 
@@ -140,10 +146,59 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
     rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",
                                               "model.path": str(sft_model)}), rd / "rm", run_stage)
     ppo_dir = rd / "ppo"
-    ppo_summary = _stage(_with(cfg.ppo, cfg, **{"data.path": str(prompts_file), "model.init": "pretrained",
-                                                "model.path": str(policy), "reward.rm_path": str(rd / "rm" / "model"),
-                                                "ppo.reference_path": str(sft_model)}), ppo_dir, run_ppo)
+    ppo_summary = _ppo(cfg, ppo_dir, policy, sft_model, prompts_file)
     return rm_summary, ppo_summary, ppo_dir
+
+
+def _ppo(cfg, ppo_dir: Path, policy: Path, sft_model: Path, prompts_file: Path, **fields) -> dict:
+    """PPO from `policy` against the round's RM (`ppo_dir`'s sibling rm/), KL to the SFT model."""
+    return _stage(_with(cfg.ppo, cfg, **{"data.path": str(prompts_file), "model.init": "pretrained",
+                                         "model.path": str(policy), "reward.rm_path": str(ppo_dir.parent / "rm" / "model"),
+                                         "ppo.reference_path": str(sft_model), **fields}), ppo_dir, run_ppo)
+
+
+def _ptx_fields(cfg, workdir: Path) -> dict:
+    """PPO-ptx settings: pretraining text (the pretrain stage's corpus, its held-out split kept
+    out) or a fresh draw of the task's demonstrations (not the SFT model's held-out ones)."""
+    p = cfg.ptx
+    if p.format == "pretrain":
+        data = cfg.pretrain.data
+        extra = {"ppo.ptx_data": data.path, "ppo.ptx_eval_fraction": data.eval_fraction,
+                 "data.split_seed": data.split_seed, "data.max_length": data.max_length}
+    else:
+        task = get_task(cfg.task)
+        path = _write_jsonl(workdir / "data" / "ptx_demonstrations.jsonl",
+                            task.demonstrations(cfg.data.num_demos, seed=cfg.seed + 1))
+        extra = {"ppo.ptx_data": str(path)}
+    return {"ppo.ptx_coef": float(p.coef), "ppo.ptx_format": p.format, "ppo.ptx_batch_size": int(p.batch_size),
+            **extra}
+
+
+def alignment_tax(cfg, models: dict[str, Path], demos: Path) -> dict:
+    """{model name: {"demo_loss", "text_loss"}}: per-token held-out LM loss of each model on the
+    SFT stage's held-out demonstrations and, with a pretrain stage, its held-out text blocks."""
+    tok = load_tokenizer_of(dict(init="pretrained", path=str(next(iter(models.values())))))
+    size = int(cfg.eval.lm_batch_size)
+    held_demos = STAGES["sft"].build_data(_with(cfg.sft, cfg, **{"data.path": str(demos)}), tok)[1]
+    sets = {"demo_loss": eval_lm.demo_batches(held_demos, size)}
+    if cfg.get("pretrain"):
+        pre = _with(cfg.pretrain, cfg)
+        held_text = STAGES["pretrain"].build_data(pre, tok)[1]
+        blocks = eval_lm.text_batches(held_text, tok, int(pre.data.max_length), size)
+        sets["text_loss"] = blocks[:cfg.eval.lm_batches or None]
+    return {name: {k: eval_lm.lm_loss(path, b)["loss"] for k, b in sets.items()} for name, path in models.items()}
+
+
+def _tax_table(summary: dict) -> list[str]:
+    tax, gold = summary["alignment_tax"], summary["gold_scores"]
+    text = any("text_loss" in v for v in tax.values())
+    lines = ["| model | held-out text loss (nats/token) | held-out demo loss | gold score |",
+             "|-------|------:|------:|------:|"]
+    for name, v in tax.items():
+        t = f"{v['text_loss']:.4f}" if text else "-"
+        g = f"{gold[name]:+.3f}" if name in gold else ""
+        lines.append(f"| {name} | {t} | {v['demo_loss']:.4f} | {g} |")
+    return lines
 
 
 def _report(summary: dict, plot) -> None:
@@ -155,6 +210,7 @@ def _report(summary: dict, plot) -> None:
     print()
     for row in table:
         print(f"| {row[0]:<6} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
+    print("\nalignment tax:\n" + "\n".join(_tax_table(summary)))
     print(f"\n{summary['comparisons']} comparisons, {summary['labels']} labels, {summary['seconds']:.0f} s; "
           f"curves: {plot}")
 
@@ -171,19 +227,33 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     eval_prompts = task.prompts(cfg.data.num_eval_prompts, offset=cfg.data.num_train_prompts)
     prompts_file = _write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
 
+    models: dict[str, Path] = {}
+    sft_fields = {"data.path": str(demos)}
+    if cfg.get("pretrain"):
+        _stage(_with(cfg.pretrain, cfg), workdir / "pretrain", run_stage)
+        models["pretrain"] = workdir / "pretrain" / "model"
+        sft_fields.update({"model.init": "pretrained", "model.path": str(models["pretrain"])})
     sft_dir = workdir / "sft"
-    _stage(_with(cfg.sft, cfg, **{"data.path": str(demos)}), sft_dir, run_stage)
-    sft_model = policy = sft_dir / "model"
+    _stage(_with(cfg.sft, cfg, **sft_fields), sft_dir, run_stage)
+    sft_model = policy = models["SFT"] = sft_dir / "model"
     store = ComparisonStore(workdir / "comparisons")
     rm_summary, ppo_summary, ppo_dir = {}, {}, None
     for rnd in range(1, cfg.rounds + 1):
         rm_summary, ppo_summary, ppo_dir = _round(cfg, rnd, workdir, store, task, policy, sft_model, train_prompts,
                                                   prompts_file)
-        policy = ppo_dir / "model"
+        start_policy, policy = policy, ppo_dir / "model"
+    if ppo_dir is not None:
+        models["PPO"] = policy
+    if ppo_dir is not None and cfg.get("ptx") and cfg.ptx.coef > 0:
+        ptx_dir = ppo_dir.parent / "ppo_ptx"
+        _ppo(cfg, ptx_dir, start_policy, sft_model, prompts_file, **_ptx_fields(cfg, workdir))
+        models["PPO-ptx"] = ptx_dir / "model"
 
-    print("[rlhf] evaluating the SFT and PPO policies with the gold scorer ...")
-    gold_sft = gold_eval(task, sft_model, eval_prompts, cfg.eval, cfg.seed)
-    gold_ppo = gold_eval(task, policy, eval_prompts, cfg.eval, cfg.seed)
+    print("[rlhf] evaluating the policies with the gold scorer and the held-out LM loss ...")
+    gold = {name: gold_eval(task, models[name], eval_prompts, cfg.eval, cfg.seed)
+            for name in ("SFT", "PPO", "PPO-ptx") if name in models}
+    gold_sft, gold_ppo = gold["SFT"], gold.get("PPO", gold["SFT"])
+    tax = alignment_tax(cfg, models, demos)
     plot = plot_ppo(ppo_dir, workdir / "ppo_curves.png") if ppo_dir is not None else None
     summary = {
         "task": task.name, "rounds": cfg.rounds, "gold_score_sft": gold_sft, "gold_score_ppo": gold_ppo,
@@ -191,6 +261,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "ppo_kl_final": ppo_summary.get("ppo/kl"), "ppo_rm_score_first": ppo_summary.get("ppo/score_first"),
         "ppo_rm_score_last": ppo_summary.get("ppo/score_last"), "comparisons": len(store.items()),
         "labels": len(store.labels()), "seconds": time.time() - t_start, "plot": str(plot) if plot else None,
+        "gold_scores": gold, "alignment_tax": tax,
     }
     write_json_atomic(workdir / "summary.json", summary)
     _report(summary, plot)
