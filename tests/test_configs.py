@@ -14,10 +14,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG_FILES = sorted([*ROOT.glob("configs/*.py"), *ROOT.glob("experiments/*.py")])
 VARIANTS = {"configs/sft.py": ["smollm2", "variant=tiny"], "configs/rm.py": ["smollm2"],
-            "experiments/quickstart.py": ["rounds=2", "2"]}
+            "experiments/quickstart.py": ["rounds=2", "2", "ptx=1.0"], "configs/pretrain.py": ["smollm2"],
+            "experiments/shakespeare_recipe.py": ["ptx=0.5"]}
 STAGES = {"configs/common.py": "sft", "configs/sft.py": "sft", "configs/rm.py": "rm", "configs/ppo.py": "ppo",
           "experiments/quickstart.py": "rlhf", "experiments/sft_smollm2.py": "sft",
-          "experiments/rm_hh_smollm2.py": "rm"}
+          "experiments/rm_hh_smollm2.py": "rm", "configs/pretrain.py": "pretrain",
+          "experiments/shakespeare_recipe.py": "rlhf"}
 
 
 def _name(path):
