@@ -152,8 +152,9 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
 
 def _ppo(cfg, ppo_dir: Path, policy: Path, sft_model: Path, prompts_file: Path, **fields) -> dict:
     """PPO from `policy` against the round's RM (`ppo_dir`'s sibling rm/), KL to the SFT model."""
+    rm_model = ppo_dir.parent / "rm" / "model"
     return _stage(_with(cfg.ppo, cfg, **{"data.path": str(prompts_file), "model.init": "pretrained",
-                                         "model.path": str(policy), "reward.rm_path": str(ppo_dir.parent / "rm" / "model"),
+                                         "model.path": str(policy), "reward.rm_path": str(rm_model),
                                          "ppo.reference_path": str(sft_model), **fields}), ppo_dir, run_ppo)
 
 

@@ -133,7 +133,7 @@ def _data(cfg, tokenizer, hp: PPOHyperparams):
     if hp.ptx_coef <= 0:
         return prompts, None
     if not cfg.ppo.ptx_data:
-        raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data (an SFT dataset)")
+        raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data (an SFT dataset, or text with ppo.ptx_format=pretrain)")
     if cfg.ppo.get("ptx_format", "sft") == "pretrain":  # raw text, packed into blocks
         return prompts, pretrain_lib.corpora(cfg.ppo.ptx_data, tokenizer, max_length=cfg.data.max_length,
                                              eval_fraction=float(cfg.ppo.ptx_eval_fraction),

@@ -18,8 +18,9 @@ from typing import Any
 
 import jax
 
-from rlhf_jax.data.pretrain import (DEFAULT_SHUFFLE_BUFFER, Documents, PackReport, PretrainBatches, document_tokens, load_documents,
-                                    pack_report, split_documents, unigram_cross_entropy)
+from rlhf_jax.data.pretrain import (DEFAULT_SHUFFLE_BUFFER, Documents, PackReport, PretrainBatches,
+                                    document_tokens, load_documents, pack_report, split_documents,
+                                    unigram_cross_entropy)
 from rlhf_jax.fileio import atomic_write_text
 
 DATA_STATE_DIR = "data_state"
@@ -86,7 +87,8 @@ def train_stream(r, start_micro: int, data_state: dict | None) -> PretrainBatche
     if data_state is None and start_micro:
         data_state = position(r.train_data, start_micro * size)
     return PretrainBatches(r.train_data.docs, r.tokenizer, max_length=int(cfg.data.max_length), batch_size=size,
-                           seed=cfg.seed, shuffle_buffer=int(cfg.data.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)), state=data_state,
+                           seed=cfg.seed, state=data_state,
+                           shuffle_buffer=int(cfg.data.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)),
                            process_index=jax.process_index(), process_count=jax.process_count())
 
 
