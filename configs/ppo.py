@@ -7,7 +7,8 @@ The defaults are the values of lm-human-preferences / the N-implementation-detai
 reproductions unless a comment says otherwise (see docs/PPO.md). Prompts default to the
 Alpaca sample's instructions in ../shared/data. Every field is overridable, e.g.
 --config.ppo.kl_target=0 (fixed beta), --config.ppo.critic=separate,
---config.ppo.ptx_coef=0.1 --config.ppo.ptx_data=../shared/data/alpaca_en_demo.json.
+--config.ppo.ptx_coef=0.1 --config.ppo.ptx_data=../shared/data/alpaca_en_demo.json, or PPO-ptx on
+pretraining text: --config.ppo.ptx_format=pretrain --config.ppo.ptx_data=../shared/data/tinyshakespeare.txt.
 """
 
 from pathlib import Path
@@ -61,6 +62,8 @@ def get_config(arg=None):
         reference_path="",  # '' = the initial policy is the KL reference
         ptx_coef=0.0,  # PPO-ptx: gamma of the SFT loss mixed into every step
         ptx_data="",
+        ptx_format="sft",  # 'sft': ptx_data is an SFT dataset; 'pretrain': raw text packed into blocks
+        ptx_eval_fraction=0.05,  # 'pretrain': the held-out share of ptx_data never mixed in (as the stage's)
         ptx_batch_size=8,
         sample_every=10,
         num_samples_shown=4,

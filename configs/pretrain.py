@@ -27,7 +27,7 @@ def get_config(arg=None):
     c = load_config(Path(__file__).resolve().parent / "common.py")
     c.stage = "pretrain"
     c.tokenizer = "byte"
-    c.model.tiny.update(dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=32, mlp_dim=384))
+    c.model.tiny.update(dict(hidden_size=96, num_layers=4, num_heads=4, num_kv_heads=4, head_dim=24, mlp_dim=256))
     c.data.path = "../shared/data/tinyshakespeare.txt"
     c.data.text_field = "text"  # the column of row-based files
     c.data.doc_separator = ""  # text files: '' = one document per file, e.g. '\n\n' splits paragraphs
@@ -39,7 +39,7 @@ def get_config(arg=None):
     c.optimizer.final_lr_fraction = 0.1
     c.optimizer.weight_decay = 0.01
     c.train.batch_size = 32
-    c.train.num_steps = 500  # 0 = train.num_epochs over the training blocks
+    c.train.num_steps = 300  # 0 = train.num_epochs over the training blocks
     c.train.eval_every = 100
     c.train.eval_batches = 0
     c.train.log_every = 20

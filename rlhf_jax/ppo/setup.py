@@ -17,6 +17,7 @@ from rlhf_jax.ppo.core import KLController
 from rlhf_jax.ppo.step import PPOHyperparams, PPOState, Rollout, ppo_update, score_rollout
 from rlhf_jax.reward_model import RMScorer
 from rlhf_jax.sampling import SamplingConfig, make_generate
+from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.runtime import Runtime
 
@@ -116,7 +117,7 @@ class PPOSetup:
     hp: PPOHyperparams
     models: Models
     prompts: data_lib.Dataset
-    ptx_data: data_lib.Dataset | None
+    ptx_data: data_lib.Dataset | pretrain_lib.Corpus | None
     reward_fns: list
     fn_weights: list
     state: PPOState
@@ -135,7 +136,11 @@ def _data(cfg, tokenizer, hp: PPOHyperparams):
     if hp.ptx_coef <= 0:
         return prompts, None
     if not cfg.ppo.ptx_data:
-        raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data (an SFT dataset)")
+        raise ValueError("ppo.ptx_coef > 0 needs ppo.ptx_data (an SFT dataset, or text with ppo.ptx_format=pretrain)")
+    if cfg.ppo.get("ptx_format", "sft") == "pretrain":  # raw text, packed into blocks
+        return prompts, pretrain_lib.corpora(cfg.ppo.ptx_data, tokenizer, max_length=cfg.data.max_length,
+                                             eval_fraction=float(cfg.ppo.ptx_eval_fraction),
+                                             split_seed=cfg.data.split_seed)[0]
     return prompts, data_lib.sft_dataset(cfg.ppo.ptx_data, tokenizer, max_length=cfg.data.max_length,
                                          on_bad_row=cfg.data.on_bad_row)
 

@@ -20,6 +20,7 @@ from rlhf_jax.models import count, save_pretrained, to_host
 from rlhf_jax.ppo import core
 from rlhf_jax.ppo.setup import PPOSetup, build
 from rlhf_jax.ppo.step import Rollout
+from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
 from rlhf_jax.train.logging import MetricWriter, write_json_atomic
 
@@ -75,7 +76,10 @@ def _iterators(s: PPOSetup, start: int):
                                start_step=start, num_epochs=None, process_index=pi, process_count=pc)
     prompts = _repeated(prompts, k)
     ptx = None
-    if s.ptx_data is not None:
+    if isinstance(s.ptx_data, pretrain_lib.Corpus):
+        size = int(s.cfg.ppo.ptx_batch_size)
+        ptx = pretrain_lib.ptx_stream(s.ptx_data, size, s.cfg.seed, start * s.steps_per_update * size)
+    elif s.ptx_data is not None:
         ptx = data_lib.batches(s.ptx_data, batch_size=int(s.cfg.ppo.ptx_batch_size), seed=s.cfg.seed,
                                start_step=start * s.steps_per_update, num_epochs=None, process_index=pi,
                                process_count=pc)
@@ -83,7 +87,7 @@ def _iterators(s: PPOSetup, start: int):
 
 
 def _ptx_batch(s: PPOSetup, ptx_it):
-    """E·M SFT batches stacked [E·M, b, T] for PPO-ptx, or None."""
+    """E·M SFT batches (or pretraining blocks) stacked [E·M, b, T] for PPO-ptx, or None."""
     if ptx_it is None:
         return None
     stacked = {k: np.stack([v[k] for v in (next(ptx_it) for _ in range(s.steps_per_update))])

@@ -4,7 +4,7 @@ A run writes `config.json`, `metrics.jsonl`, `tensorboard/`, `checkpoints/`, `mo
 Hugging Face directory with its tokenizer) and `summary.json`; restarted with the same
 workdir it resumes from the latest checkpoint, and since the data order is a pure function
 of (seed, step) it sees exactly the batches an uninterrupted run would. Pretraining streams
-packed text blocks instead; their position is saved with every checkpoint (`train.pretrain`).
+packed text blocks instead; their position is saved with every checkpoint (`train/pretrain.py`).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from typing import Any
 
 import jax
 
-from rlhf_jax.data.pretrain import (DEFAULT_SHUFFLE_BUFFER, Documents, PackReport, PretrainBatches, document_tokens, load_documents,
-                                    pack_report, split_documents, unigram_cross_entropy)
+from rlhf_jax.data.pretrain import (DEFAULT_SHUFFLE_BUFFER, Documents, PackReport, PretrainBatches,
+                                    document_tokens, load_documents, pack_report, split_documents,
+                                    unigram_cross_entropy)
 from rlhf_jax.fileio import atomic_write_text
 
 DATA_STATE_DIR = "data_state"
@@ -42,24 +43,34 @@ class Corpus:
         return self.report.blocks
 
 
-def pretrain_data(cfg, tokenizer) -> tuple[Corpus, Corpus | None]:
-    """(train, held-out) corpora: `data.eval_path` if given, else a split by documents of
-    `data.eval_fraction` (`split_documents`); held-out is None when it has no full block."""
-    read = functools.partial(load_documents, text_field=cfg.data.get("text_field", "text"),
-                             doc_separator=cfg.data.get("doc_separator") or None)
-    docs = read(cfg.data.path)
-    if cfg.data.get("eval_path"):
-        train, held_out = docs, read(cfg.data.eval_path)
-    elif cfg.data.eval_fraction > 0:
-        train, held_out = split_documents(docs, eval_fraction=cfg.data.eval_fraction, seed=cfg.data.split_seed)
+def corpora(path, tokenizer, *, max_length: int, eval_path: str = "", eval_fraction: float = 0.0,
+            split_seed: int = 0, text_field: str = "text", doc_separator: str | None = None
+            ) -> tuple[Corpus, Corpus | None]:
+    """(train, held-out) corpora: `eval_path` if given, else a split by documents of
+    `eval_fraction` (`split_documents`; one single document: its tail), else no held-out side."""
+    read = functools.partial(load_documents, text_field=text_field, doc_separator=doc_separator or None)
+    docs = read(path)
+    if eval_path:
+        train, held_out = docs, read(eval_path)
+    elif eval_fraction > 0:
+        train, held_out = split_documents(docs, eval_fraction=eval_fraction, seed=split_seed)
     else:
         train, held_out = docs, None
-    train_corpus = Corpus(train, tokenizer, int(cfg.data.max_length))
-    eval_corpus = None if held_out is None else Corpus(held_out, tokenizer, int(cfg.data.max_length))
-    if eval_corpus is not None and len(eval_corpus) == 0:
-        print(f"[pretrain] {held_out.source}: no full block of {cfg.data.max_length} tokens; no evaluation")
-        eval_corpus = None
-    return train_corpus, eval_corpus
+    return (Corpus(train, tokenizer, int(max_length)),
+            None if held_out is None else Corpus(held_out, tokenizer, int(max_length)))
+
+
+def pretrain_data(cfg, tokenizer) -> tuple[Corpus, Corpus | None]:
+    """The stage's (train, held-out) corpora from `cfg.data`; held-out is None when it has no
+    full block."""
+    d = cfg.data
+    train, held_out = corpora(d.path, tokenizer, max_length=d.max_length, eval_path=d.get("eval_path", ""),
+                              eval_fraction=d.eval_fraction, split_seed=d.split_seed,
+                              text_field=d.get("text_field", "text"), doc_separator=d.get("doc_separator"))
+    if held_out is not None and len(held_out) == 0:
+        print(f"[pretrain] {held_out.docs.source}: no full block of {d.max_length} tokens; no evaluation")
+        held_out = None
+    return train, held_out
 
 
 def position(corpus: Corpus, blocks_done: int) -> dict[str, int]:
@@ -76,8 +87,18 @@ def train_stream(r, start_micro: int, data_state: dict | None) -> PretrainBatche
     if data_state is None and start_micro:
         data_state = position(r.train_data, start_micro * size)
     return PretrainBatches(r.train_data.docs, r.tokenizer, max_length=int(cfg.data.max_length), batch_size=size,
-                           seed=cfg.seed, shuffle_buffer=int(cfg.data.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)), state=data_state,
+                           seed=cfg.seed, state=data_state,
+                           shuffle_buffer=int(cfg.data.get("shuffle_buffer", DEFAULT_SHUFFLE_BUFFER)),
                            process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def ptx_stream(corpus: Corpus, batch_size: int, seed: int, blocks_done: int) -> PretrainBatches:
+    """PPO-ptx batches of shuffled training blocks, from the position after `blocks_done` blocks
+    (a pure function of the PPO iteration, as PPO's other data)."""
+    state = position(corpus, blocks_done) if blocks_done else None
+    return PretrainBatches(corpus.docs, corpus.tokenizer, max_length=corpus.max_length, batch_size=batch_size,
+                           seed=seed, state=state, process_index=jax.process_index(),
+                           process_count=jax.process_count())
 
 
 def eval_stream(r) -> PretrainBatches:
