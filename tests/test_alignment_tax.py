@@ -63,6 +63,3 @@ def test_ppo_ptx_mixes_pretraining_blocks(tmp_path):
     run_ppo(c, tmp_path / "ppo", reward_functions=[count_substring("a")])
     ptx = [m["ppo/ptx_loss"] for m in read_metrics(tmp_path / "ppo")]
     assert len(ptx) == 2 and all(2.0 < v < 7.0 for v in ptx)  # ≈ ln 259 for an untrained byte model
-
-
-@pytest.mark.slow  # ~5 minutes on 2 busy cores; the pieces are covered by the fast tests
