@@ -122,6 +122,18 @@ def test_dpo_resumes_to_identical_parameters(trained, pref_path, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_four_devices_match_one_device(pref_path, tmp_path):
+    """Response rows and pairs sharded over data × fsdp (the pairs index the global batch), the
+    reference's copies sharded like the parameters: the same losses as one device."""
+    changes = {"train.num_steps": 4, "train.eval_every": 0}
+    run(tiny_dpo_config(pref_path, **changes), tmp_path / "one")
+    run(tiny_dpo_config(pref_path, **changes, **{"mesh.num_devices": 4, "mesh.data": 2, "mesh.fsdp": 2}),
+        tmp_path / "four")
+    one, four = ([r for r in read_metrics(tmp_path / name) if "train/loss" in r] for name in ("one", "four"))
+    assert [r["step"] for r in four] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["train/loss"] for r in four], [r["train/loss"] for r in one], atol=1e-5)
+
+
 def test_precomputed_reference_matches_on_the_fly(trained, pref_path, tmp_path):
     """A fresh policy against the trained run's model as `dpo.reference_path`: one train step and
     one evaluation give the same numbers whether the reference is run in the step or before."""
