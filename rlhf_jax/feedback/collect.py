@@ -107,6 +107,20 @@ def _generator(policy: Any, mesh: Mesh | None, sampling: SamplingConfig):
     return generate, params, mesh
 
 
+def _prompts_per_batch(mesh: Mesh, k: int, wanted: int) -> int:
+    """Prompts per sampler call, K rows each: `wanted` rounded down (memory) to a multiple
+    whose rows the mesh's batch shards divide, but at least one such multiple."""
+    shards = sharding_lib.batch_shards(mesh)
+    step = shards // math.gcd(shards, k)
+    return max(step, wanted // step * step)
+
+
+def _rows(prompts: list[int], per_batch: int, k: int) -> list[int]:
+    """Each prompt K times in a row; a short last batch is filled with copies of its last
+    prompt, so every call has the same shape (no recompilation)."""
+    return [n for n in prompts + [prompts[-1]] * (per_batch - len(prompts)) for _ in range(k)]
+
+
 def collect_comparisons(store: ComparisonStore, policy: Any, prompts: Any, *, num_responses: int = 2,
                         max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         seed: int = 0, batch_size: int = 32, max_prompt_length: int = 64,
@@ -142,18 +156,13 @@ def collect_comparisons(store: ComparisonStore, policy: Any, prompts: Any, *, nu
     sampling = SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                             top_k=top_k, top_p=top_p)
     generate, params, mesh = _generator(policy, mesh, sampling)
-    # K rows per prompt; the mesh's batch shards must divide the rows: round the prompts per
-    # batch down to a multiple of `step` (memory), but take at least one step.
-    shards = sharding_lib.batch_shards(mesh)
-    step = shards // math.gcd(shards, k)
-    per_batch = max(step, min(int(batch_size) // k, len(ids)) // step * step)
+    per_batch = _prompts_per_batch(mesh, k, min(int(batch_size) // k, len(ids)))
     for j, start in enumerate(range(0, len(ids), per_batch)):
         group = [n for n in range(start, min(start + per_batch, len(ids))) if ids[n] not in existing]
         if not group:
             continue
         full = list(range(start, min(start + per_batch, len(ids))))
-        # Fill the last batch with copies of its last prompt: same shape, no recompilation.
-        rows = [n for n in full + [full[-1]] * (per_batch - len(full)) for _ in range(k)]
+        rows = _rows(full, per_batch, k)
         texts, lengths, stopped = _sample_rows(generate, params, dataset, tokenizer, rows, rollout_key(int(seed), j))
         store.add_items([_item(ids[n], seen[n], full.index(n), k, texts, lengths, stopped,
                                {**user_meta, **settings, "prompt_index": n}) for n in group])
@@ -192,14 +201,12 @@ def generate_texts(policy: Any, prompts: Any, *, max_new_tokens: int = 32, tempe
     sampling = SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                                             top_k=top_k, top_p=top_p)
     generate, params, mesh = _generator(policy, mesh, sampling)
-    shards = sharding_lib.batch_shards(mesh)
-    step = shards // math.gcd(shards, n_per)  # prompts per batch come in steps the shards divide
-    per_batch = max(step, int(batch_size) // n_per // step * step)
+    per_batch = _prompts_per_batch(mesh, n_per, int(batch_size) // n_per)
     n = len(dataset)
     texts: list[str] = []
     for j, start in enumerate(range(0, n, per_batch)):
         prompts_j = list(range(start, min(start + per_batch, n)))
-        rows = [i for i in prompts_j + [prompts_j[-1]] * (per_batch - len(prompts_j)) for _ in range(n_per)]
+        rows = _rows(prompts_j, per_batch, n_per)
         out, _, _ = _sample_rows(generate, params, dataset, tokenizer, rows, rollout_key(int(seed), j))
         texts += out[:len(prompts_j) * n_per]
     return texts
