@@ -49,7 +49,8 @@ def main(argv):
 
 def _message(e: BaseException) -> str:
     if isinstance(e, (AttributeError, KeyError)) and any(a.startswith("--config.") for a in sys.argv):
-        return f"no such config field {str(e).strip(chr(34) + chr(39))!r}; check the --config.* overrides"
+        field = str(e).strip("'\"")  # KeyError / AttributeError quote the name
+        return f"no such config field {field!r}; check the --config.* overrides"
     return str(e) or type(e).__name__
 
 
