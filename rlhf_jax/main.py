@@ -1,8 +1,10 @@
 """Command line: `python -m rlhf_jax.main --config FILE.py[:arg] --workdir DIR`, FILE.py a stage
 config (configs/pretrain.py, sft.py, rm.py, dpo.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
 
-Any config field can be overridden (`--config.optimizer.lr=1e-5`); re-running with the same
-workdir resumes from the latest checkpoint.
+Any config field can be overridden (`--config.optimizer.lr=1e-5`). Re-running with the same
+workdir and config resumes from the latest checkpoint, or does nothing if that run finished; with
+another config it is refused, naming the fields that differ, unless `--overwrite`
+(`rlhf_jax/train/workdir.py`).
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from ml_collections import config_flags
 
 from rlhf_jax.pipeline import run_algorithms, run_rlhf
 from rlhf_jax.ppo.trainer import run_ppo
+from rlhf_jax.train import workdir as workdir_lib
 from rlhf_jax.train.loop import run as run_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py or experiments/*.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the final model.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Delete the run that --workdir holds and start afresh "
+                                "(needed when its config differs from this one).")
 flags.DEFINE_bool("debug", False, "Show the full traceback of an error (or set RLHF_JAX_DEBUG=1).")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -40,7 +45,14 @@ def main(argv):
     cfg = _CONFIG.value
     if cfg.stage not in RUNNERS:
         raise ValueError(f"config stage={cfg.stage!r} is not one of {sorted(RUNNERS)}")
-    summary = RUNNERS[cfg.stage](cfg, _WORKDIR.value)
+    workdir = _WORKDIR.value
+    if workdir_lib.begin(cfg.to_dict(), workdir, overwrite=_OVERWRITE.value):
+        print(f"nothing to do: {workdir} holds this run (same config), finished; its results are in "
+              f"{workdir}/{'algorithms.md' if cfg.stage == 'algorithms' else 'summary.json'} "
+              f"(--overwrite runs it again)")
+        return
+    summary = RUNNERS[cfg.stage](cfg, workdir)
+    workdir_lib.finish(workdir)
     if cfg.stage in ("rlhf", "algorithms"):
         return  # the pipeline prints its own table
     for k in sorted(k for k in summary if k.startswith(_PRINTED)):

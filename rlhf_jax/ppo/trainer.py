@@ -22,7 +22,7 @@ from rlhf_jax.ppo.setup import PPOSetup, build
 from rlhf_jax.ppo.step import Rollout
 from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
-from rlhf_jax.train.logging import MetricWriter, write_json_atomic
+from rlhf_jax.train.logging import MetricWriter, read_metrics, write_json_atomic
 
 _ROLLOUT_STREAM = 1  # key streams: rollouts fold (stream, step); the update folds the step alone
 
@@ -140,7 +140,11 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
 
 
 def _summary(s: PPOSetup, history: list[dict], num_updates: int) -> dict:
+    """The last row and the mean score of the first and last fifths, over the whole metrics
+    history (a resumed run's earlier processes too; `history` is this process's rows)."""
+    history = read_metrics(s.rt.workdir) or history
     summary = {k: v for k, v in (history[-1] if history else {}).items() if k != "step"}
+    summary["seconds"] = summary.pop("time/seconds", None)
     if history:
         k = max(1, len(history) // 5)
         summary["ppo/score_first"] = float(np.mean([h["ppo/score"] for h in history[:k]]))

@@ -1,6 +1,8 @@
 """Metric writers: metrics.jsonl (one JSON object per logged step), TensorBoard, summary.json.
 
-Only process 0 writes. Files are appended, so a resumed run continues the same files.
+Only process 0 writes. Files are appended, so a resumed run continues the same files, and every
+row carries `time/seconds`, the run's wall time so far over all its processes (a resumed run
+starts from the last logged value), so a summary read from the whole history covers the whole run.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -35,11 +38,14 @@ class MetricWriter:
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
         self.tb = None
+        earlier = [r["time/seconds"] for r in read_metrics(workdir) if "time/seconds" in r]
+        self.start = time.perf_counter() - (earlier[-1] if earlier else 0.0)
         if self.enabled and tensorboard:
             self.tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def write(self, step: int, metrics: dict) -> dict:
-        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()},
+               "time/seconds": time.perf_counter() - self.start}
         if self.enabled:
             with self.path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -57,6 +63,16 @@ class MetricWriter:
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     path = Path(workdir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def last_values(workdir: str | os.PathLike) -> dict:
+    """The last logged value of every metric over the whole metrics.jsonl (all processes of a
+    resumed run), without `step`: what a summary reports."""
+    out = {}
+    for row in read_metrics(workdir):
+        out.update(row)
+    out.pop("step", None)
+    return out
 
 
 def drop_metrics_after(workdir: str | os.PathLike, step: int) -> None:

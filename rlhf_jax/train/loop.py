@@ -25,7 +25,7 @@ from rlhf_jax.models import ModelDef, count, load_model, save_pretrained, to_hos
 from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
-from rlhf_jax.train.logging import MetricWriter, write_json_atomic
+from rlhf_jax.train.logging import MetricWriter, last_values, write_json_atomic
 from rlhf_jax.train.runtime import Runtime
 
 
@@ -328,7 +328,9 @@ def run(cfg, workdir) -> dict:
     extra = r.stage.after_training(cfg, r) if r.stage.after_training else {}
     save_pretrained(r.model_def.merge(r.state.params, r.state.frozen), r.rt.workdir / "model", tokenizer=r.tokenizer)
     writer.close()
-    summary = {k: v for k, v in last.items() if k != "step"}
+    # The whole history (a resumed run's earlier processes too), then this process's last rows.
+    summary = {**last_values(r.rt.workdir), **{k: v for k, v in last.items() if k != "step"}}
+    summary["seconds"] = summary.pop("time/seconds", None)
     summary.update(extra)
     summary.update({"stage": cfg.stage, "steps": r.num_steps, "trainable_params": n_params,
                     "train_examples": len(r.train_data),
