@@ -325,12 +325,14 @@ def model_to_flat(model: Transformer) -> dict[tuple, np.ndarray]:
     return {p: to_host(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, *,
+                    scoring: Mapping | None = None) -> Path:
     """Writes `model` as a Hugging Face directory (+ the side file for reward/value heads).
 
     A reward model (reward head, no LM head) is written as `*ForSequenceClassification`
-    (module docstring); anything else as `*ForCausalLM`. Collective across processes (every
-    process must call it); only process 0 writes.
+    (module docstring); anything else as `*ForCausalLM`. `scoring`: how the RM's texts are
+    laid out and truncated (`reward_model.scoring_settings`), kept in `rlhf_jax.json` for
+    `RMScorer`. Collective across processes (every process must call it); only process 0 writes.
     """
     out_dir = Path(out_dir)
     flat = model_to_flat(model)
@@ -361,8 +363,10 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=No
     heads = {_dotted(p): np.ascontiguousarray(a) for p, a in flat.items() if _is_head(p)}
     if heads:
         save_file(heads, out_dir / HEADS_FILE)
-    (out_dir / META_FILE).write_text(json.dumps({"heads": list(model.heads), "dtype": cfg.dtype,
-                                                 "param_dtype": cfg.param_dtype}, indent=2))
+    meta = {"heads": list(model.heads), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+    if scoring is not None:
+        meta["scoring"] = dict(scoring)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
