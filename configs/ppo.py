@@ -30,7 +30,7 @@ def get_config(arg=None):
     c.reward = ml_collections.ConfigDict(dict(
         rm_path="",  # an RM stage's workdir/model ('' = reward functions only)
         rm_tokenizer="",  # '' = the policy's tokens are scored directly; else decode + re-encode
-        rm_max_length=256,
+        rm_max_length=0,  # with rm_tokenizer: 0 = the RM's own (its training data.max_length); 256 if it has none
         rm_weight=1.0,
         functions=(),  # 'package.module:function' reward functions on decoded text
         function_weights=(),

@@ -8,6 +8,7 @@ pairs of one prompt share the passes of its K responses (InstructGPT).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Sequence
 
 import jax
@@ -17,6 +18,13 @@ import numpy as np
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import left_pad, truncation_lengths
 from rlhf_jax.models import ModelDef, Transformer, cached_program, gather_last, load_model, model_mesh, to_host
+from rlhf_jax.models.load import resolve, saved_scoring
+
+# The RM's max_length when it was saved without scoring settings (a foreign checkpoint, or one
+# written before they were saved): the RM stage's default data.max_length.
+FALLBACK_MAX_LENGTH = 256
+_log = logging.getLogger(__name__)
+_logged: set[tuple] = set()  # (source, setting, given, saved) mismatches already logged
 
 
 def raw_scores(model: Transformer, input_ids_NT: jax.Array, attention_mask_NT: jax.Array) -> jax.Array:
@@ -70,25 +78,77 @@ def _scores_program(model_def: ModelDef, params: dict, ids_BT, mask_BT):
     return scores(model_def.merge(params), ids_BT, mask_BT)
 
 
+def scoring_settings(*, max_length: int, max_prompt_length: int | None, format: str,
+                     add_bos: bool = True) -> dict:
+    """How an RM's training texts were laid out and truncated: saved with the RM
+    (`save_pretrained(scoring=...)`, in `rlhf_jax.json`) so that `RMScorer` scores text as the
+    RM was trained on by default. `format` is the data format its rows were read in (how its
+    prompts look; `RMScorer` takes prompts already in that layout)."""
+    return {"max_length": int(max_length), "max_prompt_length": int(max_prompt_length) if max_prompt_length else None,
+            "add_bos": bool(add_bos), "format": format}
+
+
+def _log_once(key: tuple, msg: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        _log.warning(msg, *args)
+
+
+def _resolve_settings(rm: Any, settings_from: Any, max_length: int | None,
+                      max_prompt_length: int | None) -> tuple[int, int | None, bool]:
+    """(max_length, max_prompt_length or None, add_bos) for `RMScorer`: a value given wins over
+    the saved one (a difference is logged once), the saved one over the fallback."""
+    where = settings_from if settings_from is not None else rm
+    pair = resolve(where).kind == "pair"
+    source = "the (model, tokenizer) pair" if pair else str(where)
+    saved = None if pair else saved_scoring(where)
+    if saved is None and max_length is None and not pair:
+        _log_once((source, "fallback"), "%s: no scoring settings saved with the RM; scoring with max_length=%d and "
+                  "no prompt cap (pass max_length / max_prompt_length to match its training)",
+                  source, FALLBACK_MAX_LENGTH)
+    defaults = saved if saved is not None else {"max_length": FALLBACK_MAX_LENGTH, "max_prompt_length": None}
+    out = {}
+    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
+        if value is None:
+            out[name] = defaults.get(name)
+            continue
+        out[name] = int(value) if name == "max_length" else int(value) or None  # max_prompt_length=0: no cap
+        if saved is not None and out[name] != saved.get(name):
+            _log_once((source, name, out[name], saved.get(name)), "%s: %s=%s given, but the RM was trained with "
+                      "%s=%s (its saved scoring settings); scoring with %s", source, name, out[name], name,
+                      saved.get(name), out[name])
+    return int(out["max_length"]), out["max_prompt_length"], bool(defaults.get("add_bos", True))
+
+
 class RMScorer:
     """Text in, scores out: (prompt, response) pairs encoded with the RM's own tokenizer
     exactly as its training data was — [BOS] prompt response [EOS], the prompt cut from the
     left to `max_prompt_length`, the whole to `max_length` — and scored in fixed-shape
-    batches of one compiled program."""
+    batches of one compiled program.
 
-    def __init__(self, rm: Any, *, max_length: int = 128, max_prompt_length: int | None = None,
-                 batch_size: int = 32, tokenizer: Any = "", mesh=None):
-        if int(max_length) < 2:
+    `max_length`, `max_prompt_length`: None (the default) takes the RM's saved scoring
+    settings (`scoring_settings`: those of its training data); an RM saved without them is
+    scored with max_length=256 and no prompt cap (logged). A value given wins; if it differs
+    from the saved one, that is logged once. `max_prompt_length=0`: no prompt cap.
+    `settings_from`: where the settings are saved when `rm` is an already loaded
+    (model, tokenizer) pair: its model directory.
+    """
+
+    def __init__(self, rm: Any, *, max_length: int | None = None, max_prompt_length: int | None = None,
+                 batch_size: int = 32, tokenizer: Any = "", mesh=None, settings_from: Any = None):
+        max_length, max_prompt_length, self.add_bos = _resolve_settings(rm, settings_from, max_length,
+                                                                        max_prompt_length)
+        if max_length < 2:
             raise ValueError(f"max_length: must be >= 2 (BOS + one response token), got {max_length}")
-        if max_prompt_length is not None and not 1 <= int(max_prompt_length) < int(max_length):
-            raise ValueError(f"max_prompt_length: must be in [1, max_length - 1 = {int(max_length) - 1}], "
+        if max_prompt_length is not None and not 1 <= max_prompt_length < max_length:
+            raise ValueError(f"max_prompt_length: must be in [1, max_length - 1 = {max_length - 1}], "
                              f"got {max_prompt_length}")
         if int(batch_size) < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         model, self.tokenizer = load_model(rm, heads=("reward",), tokenizer=tokenizer, mesh=mesh,
                                            require_trained=("reward",), role="reward model")
-        self.max_length = int(max_length)
-        self.max_prompt_length = None if max_prompt_length is None else int(max_prompt_length)
+        self.max_length = max_length
+        self.max_prompt_length = max_prompt_length
         self.mesh = mesh if mesh is not None else model_mesh(model)
         shards = sharding_lib.batch_shards(self.mesh)
         self.batch_size = -(-int(batch_size) // shards) * shards
@@ -104,7 +164,7 @@ class RMScorer:
         tok = self.tokenizer
         texts = list(dict.fromkeys(t for pair in pairs for t in pair))
         ids = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"])) if texts else {}
-        bos, eos = tok.bos_token_id, tok.eos_token_id
+        bos, eos = (tok.bos_token_id if self.add_bos else None), tok.eos_token_id
         seqs = []
         for prompt, response in pairs:
             p_ids, r_ids = list(ids[prompt]), list(ids[response])
@@ -113,6 +173,7 @@ class RMScorer:
             first = (p_ids or r_ids)[0]
             prefix = [] if bos is None or first == bos else [bos]
             cap = None if self.max_prompt_length is None else self.max_prompt_length - len(prefix)
+            # The RM data's truncation rule (data.truncation_lengths), not a copy of it.
             p, r = truncation_lengths(len(p_ids), len(r_ids), self.max_length - len(prefix), cap)
             seqs.append(prefix + p_ids[len(p_ids) - p:] + r_ids[:r])
         return seqs

@@ -23,10 +23,11 @@ class RMLabeler(GoldLabeler):
     `noise` a uniformly drawn different permutation (K = 2: the choice is flipped).
     `label_many` scores the responses of many comparisons in batches."""
 
-    def __init__(self, rm: Any, *, noise: float = 0.0, seed: int = 0, max_length: int = 128,
+    def __init__(self, rm: Any, *, noise: float = 0.0, seed: int = 0, max_length: int | None = None,
                  max_prompt_length: int | None = None, name: str | None = None, batch_size: int = 32,
                  mesh: Any = None):
         """`rm`: an RM stage's `workdir/model` or a `(model, tokenizer)` pair with a reward head;
+        `max_length`, `max_prompt_length`: None = those the RM was trained with (`RMScorer`);
         `name` defaults to "rm-<dir>-<hash of the path>-noise<n>-seed<s>"."""
         if not 0.0 <= noise <= 1.0:  # argument errors first: loading a checkpoint takes a while
             raise ValueError(f"noise: must be in [0, 1], got {noise}")

@@ -1,15 +1,33 @@
 """Hugging Face checkpoints in and out: `load_pretrained`, `save_pretrained`, `load_gguf`.
 
 A directory written by `save_pretrained` is a normal Hugging Face model directory
-(`config.json` + `model.safetensors`) that `transformers.AutoModelForCausalLM` loads with the
-same logits. Heads that transformers has no place for (the reward head with its normalisation,
-the value head) go to a side file, `rlhf_jax_heads.safetensors`, which transformers ignores and
-`load_pretrained` reads back.
+(`config.json` + `model.safetensors`). A model with an LM head is saved as `*ForCausalLM`
+(GPT-2: `GPT2LMHeadModel`), which `transformers.AutoModelForCausalLM` loads with the same
+logits. A reward model (a reward head and no LM head) is saved as `*ForSequenceClassification`
+with `num_labels=1`, which `transformers.AutoModelForSequenceClassification` (and so TRL)
+loads: its `score.weight` is the reward head with the normalisation gain folded in, so
+transformers' logit is our score up to one constant, the head bias plus the normalisation
+bias, which a bias-free `score` layer cannot hold. That constant is written to `config.json`
+as `rlhf_jax_score_offset`:
+
+    our score = transformers' logit + config.rlhf_jax_score_offset
+
+(differences between scores, and so every ranking and pairwise preference, are equal as they
+are). transformers reads the logit at the last token that is not `pad_token_id` (we read it at
+the last token of the attention mask): the two agree when the pad token is not EOS, and the
+saved `pad_token_id` is the tokenizer's.
+
+Heads that transformers has no place for (the value head, and the reward head with its exact
+trained parameters and normalisation) also go to a side file, `rlhf_jax_heads.safetensors`,
+which transformers ignores and `load_pretrained` reads back. `load_pretrained` reads a
+sequence classifier saved by transformers or TRL as a reward model: `score.weight` is the
+reward head, the gain is 1 and the bias is `rlhf_jax_score_offset` (0 when absent).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -28,6 +46,12 @@ from rlhf_jax.models.transformer import Transformer
 
 HEADS_FILE = "rlhf_jax_heads.safetensors"
 META_FILE = "rlhf_jax.json"
+SCORE_OFFSET_KEY = "rlhf_jax_score_offset"  # config.json of a reward model: our score - transformers' logit
+_ARCHITECTURES = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
+                  "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
+                  "mistral": ("MistralForCausalLM", "MistralForSequenceClassification"),
+                  "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification")}
+_log = logging.getLogger(__name__)
 # Buffers some transformers versions saved with GPT-2 weights; they are not parameters.
 _IGNORED = re.compile(r"(^|\.)attn\.(masked_)?bias$|rotary_emb\.inv_freq$")
 
@@ -124,9 +148,21 @@ def _normalise_names(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[s
 
 
 def hf_to_flat(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, *, source: str = "") -> dict[tuple, np.ndarray]:
-    """Hugging Face state dict -> {internal path: array}. Only paths present are returned."""
-    tensors = _normalise_names(dict(tensors), cfg)
+    """Hugging Face state dict -> {internal path: array}. Only paths present are returned.
+
+    A sequence classifier's `score.weight` [1, D] (and `score.bias`, if any) is the reward head.
+    """
+    tensors = dict(tensors)
     flat: dict[tuple, np.ndarray] = {}
+    if "score.weight" in tensors:
+        w = np.asarray(tensors.pop("score.weight"))
+        if w.ndim != 2 or w.shape[0] != 1:
+            raise ValueError(f"{source}: score.weight has shape {w.shape}: a sequence classifier with "
+                             f"num_labels={w.shape[0]} is not a reward model (that needs num_labels=1)")
+        flat[("reward_head", "kernel")] = w.T
+        bias = tensors.pop("score.bias", None)
+        flat[("reward_head", "bias")] = np.zeros((1,), w.dtype) if bias is None else np.asarray(bias).reshape(1)
+    tensors = _normalise_names(tensors, cfg)
     for path, (name, transpose) in _hf_names(cfg).items():
         if name in tensors:
             t = np.asarray(tensors.pop(name))
@@ -168,10 +204,27 @@ def _is_head(path: tuple) -> bool:
     return path[0] in ("reward_head", "value_head", "reward_gain", "reward_bias")
 
 
-def saved_heads(path: str | os.PathLike) -> tuple[str, ...]:
-    """The heads a model directory was trained with ('lm' only for a plain HF checkpoint)."""
+def is_sequence_classifier(hf_config: Mapping) -> bool:
+    """Whether a config.json describes a `*ForSequenceClassification` (a reward model)."""
+    return any(str(a).endswith("ForSequenceClassification") for a in hf_config.get("architectures") or ())
+
+
+def saved_meta(path: str | os.PathLike) -> dict:
+    """The `rlhf_jax.json` a model directory was saved with ({} for a foreign checkpoint)."""
     meta = Path(path) / META_FILE
-    return tuple(json.loads(meta.read_text()).get("heads", ("lm",))) if meta.exists() else ("lm",)
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def saved_heads(path: str | os.PathLike) -> tuple[str, ...]:
+    """The heads a model directory was trained with: those in `rlhf_jax.json`, else 'reward'
+    for a sequence classifier (a transformers/TRL reward model) and 'lm' for anything else."""
+    meta = saved_meta(path)
+    if "heads" in meta:
+        return tuple(meta["heads"])
+    config = Path(path) / "config.json"
+    if config.exists() and is_sequence_classifier(json.loads(config.read_text())):
+        return ("reward",)
+    return ("lm",)
 
 
 def load_pretrained(path: str | os.PathLike, *, heads: tuple[str, ...] | None = None, mesh=None, rules=None,
@@ -181,9 +234,10 @@ def load_pretrained(path: str | os.PathLike, *, heads: tuple[str, ...] | None = 
     Args:
       path: directory with `config.json` and `model.safetensors` (or a sharded
         `model.safetensors.index.json`, or `pytorch_model*.bin`).
-      heads: which heads to build; defaults to those saved in the directory (LM only for a
-        plain HF checkpoint). Heads the checkpoint lacks (a reward head on an LM checkpoint:
-        "create the RM from the SFT model") are freshly initialised from `seed`.
+      heads: which heads to build; defaults to those saved in the directory (`saved_heads`:
+        'reward' for a sequence classifier, 'lm' for any other HF checkpoint). Heads the
+        checkpoint lacks (a reward head on an LM checkpoint: "create the RM from the SFT
+        model") are freshly initialised from `seed`.
       mesh, rules: where to place the parameters (default: a data-parallel mesh over all
         devices, the default rules).
       dtype, param_dtype: compute / storage dtype overrides ('float32', 'bfloat16').
@@ -192,18 +246,39 @@ def load_pretrained(path: str | os.PathLike, *, heads: tuple[str, ...] | None = 
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     hf_config = json.loads((path / "config.json").read_text())
-    meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
     overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
     cfg = ModelConfig.from_hf(hf_config, **overrides)
     if heads is None:
-        heads = tuple(meta.get("heads", ("lm",)))
+        heads = saved_heads(path)
     flat = hf_to_flat(_read_tensors(path), cfg, source=str(path))
+    if ("reward_head", "kernel") in flat:  # score.weight: the gain is folded in, the offset is in config.json
+        flat[("reward_gain",)] = np.ones((), np.float32)
+        flat[("reward_bias",)] = np.asarray(hf_config.get(SCORE_OFFSET_KEY) or 0.0, np.float32)
     if (path / HEADS_FILE).exists():
-        for name, arr in load_file(path / HEADS_FILE).items():
-            key = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-            if key[0].split("_")[0] in heads:
-                flat[key] = arr
+        side = {tuple(int(p) if p.isdigit() else p for p in name.split(".")): arr
+                for name, arr in load_file(path / HEADS_FILE).items()}
+        both = ("reward_head", "kernel") in flat and ("reward_head", "kernel") in side
+        if both and not _same_score_weight(flat, side):
+            _log.warning("%s: score.weight is not the reward head of %s (model.safetensors was re-saved by another "
+                         "tool?): using score.weight and config.json's %s", path, HEADS_FILE, SCORE_OFFSET_KEY)
+            side = {k: v for k, v in side.items() if not k[0].startswith("reward")}
+        flat.update({k: v for k, v in side.items() if k[0].split("_")[0] in heads})
     return model_from_flat(cfg, flat, heads=heads, mesh=mesh, rules=rules, seed=seed, source=str(path))
+
+
+def _score_weight(kernel: np.ndarray, gain) -> np.ndarray:
+    """transformers' `score.weight` [1, D] of a reward head `kernel` [D, 1] with its gain
+    folded in, in the kernel's dtype (computed the same way on save and on load)."""
+    gain = np.asarray(gain, np.float32).reshape(())
+    return np.ascontiguousarray((gain * kernel.astype(np.float32)).T.astype(kernel.dtype))
+
+
+def _same_score_weight(flat: Mapping[tuple, np.ndarray], side: Mapping[tuple, np.ndarray]) -> bool:
+    """Whether the side file's reward head is the one folded into `score.weight`."""
+    if ("reward_gain",) not in side:
+        return False
+    folded = _score_weight(np.asarray(side[("reward_head", "kernel")]), np.asarray(side[("reward_gain",)]))
+    return np.array_equal(folded.astype(np.float32), flat[("reward_head", "kernel")].T.astype(np.float32))
 
 
 def model_from_flat(cfg: ModelConfig, flat: Mapping[tuple, np.ndarray], *, heads=("lm",), mesh=None, rules=None,
@@ -231,7 +306,8 @@ def model_from_flat(cfg: ModelConfig, flat: Mapping[tuple, np.ndarray], *, heads
         elif not _is_head(p) and p != ("lm_head", "kernel"):
             raise ValueError(f"{source}: checkpoint has no tensor for {_dotted(p)}")
         elif p == ("lm_head", "kernel"):
-            raise ValueError(f"{source}: untied model but the checkpoint has no lm_head.weight")
+            what = (" (a reward model: load it with heads=('reward',))" if ("reward_head", "kernel") in flat else "")
+            raise ValueError(f"{source}: untied model but the checkpoint has no lm_head.weight{what}")
         filled.append((p, var))
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
@@ -249,10 +325,14 @@ def model_to_flat(model: Transformer) -> dict[tuple, np.ndarray]:
     return {p: to_host(v.get_value()) for p, v in nnx.to_flat_state(state)}
 
 
-def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=None, *,
+                    scoring: Mapping | None = None) -> Path:
     """Writes `model` as a Hugging Face directory (+ the side file for reward/value heads).
 
-    Collective across processes (every process must call it); only process 0 writes.
+    A reward model (reward head, no LM head) is written as `*ForSequenceClassification`
+    (module docstring); anything else as `*ForCausalLM`. `scoring`: how the RM's texts are
+    laid out and truncated (`reward_model.scoring_settings`), kept in `rlhf_jax.json` for
+    `RMScorer`. Collective across processes (every process must call it); only process 0 writes.
     """
     out_dir = Path(out_dir)
     flat = model_to_flat(model)
@@ -261,16 +341,32 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=No
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     hf_config = cfg.to_hf()
-    hf_config.architectures = ["GPT2LMHeadModel" if cfg.model_type == "gpt2" else
-                               {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                                "qwen2": "Qwen2ForCausalLM"}[cfg.model_type]]
+    tensors = flat_to_hf(flat, cfg)
+    classifier = "reward" in model.heads and "lm" not in model.heads
+    hf_config.architectures = [_ARCHITECTURES[cfg.model_type][classifier]]
+    if classifier:
+        gain, head_bias, norm_bias = (np.asarray(flat[k], np.float32).reshape(()) for k in
+                                      (("reward_gain",), ("reward_head", "bias"), ("reward_bias",)))
+        tensors["score.weight"] = _score_weight(flat[("reward_head", "kernel")], gain)
+        hf_config.num_labels = 1
+        setattr(hf_config, SCORE_OFFSET_KEY, float(gain * head_bias + norm_bias))
+        eos = cfg.eos_token_id
+        if tokenizer is not None:  # transformers finds the last token by pad_token_id
+            hf_config.pad_token_id, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+        if hf_config.pad_token_id is None or hf_config.pad_token_id == eos:
+            _log.warning("%s: pad_token_id is %s: transformers' sequence classifier will %s", out_dir,
+                         "not set" if hf_config.pad_token_id is None else "EOS",
+                         "only score one sequence at a time" if hf_config.pad_token_id is None else
+                         "read the score before the final EOS, not at it as rlhf_jax does")
     hf_config.save_pretrained(out_dir)
-    save_file(flat_to_hf(flat, cfg), out_dir / "model.safetensors", metadata={"format": "pt"})
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     heads = {_dotted(p): np.ascontiguousarray(a) for p, a in flat.items() if _is_head(p)}
     if heads:
         save_file(heads, out_dir / HEADS_FILE)
-    (out_dir / META_FILE).write_text(json.dumps({"heads": list(model.heads), "dtype": cfg.dtype,
-                                                 "param_dtype": cfg.param_dtype}, indent=2))
+    meta = {"heads": list(model.heads), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype}
+    if scoring is not None:
+        meta["scoring"] = dict(scoring)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -4,7 +4,8 @@ One `ModelConfig` covers the GPT-2 family (learned positions, LayerNorm, GELU, b
 embeddings) and the Llama family (RoPE, RMSNorm, SwiGLU, grouped-query attention, optional
 q/k/v bias as in Qwen2, tied or untied embeddings: Llama, Mistral, Qwen2, SmolLM2). It is
 converted from and to a Hugging Face `PretrainedConfig`, so a checkpoint directory written by
-`save_pretrained` is one that `transformers.AutoModelForCausalLM` loads.
+`save_pretrained` is one that `transformers.AutoModelForCausalLM` loads (a reward model:
+`AutoModelForSequenceClassification`, see `checkpoints`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data.tokenizer import load_tokenizer
-from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, saved_heads
+from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, saved_heads, saved_meta
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.modeldef import ModelDef
 from rlhf_jax.models.transformer import Transformer
@@ -74,6 +74,13 @@ def check_trained_heads(src: Source, heads: tuple[str, ...], role: str = "model"
     if missing:
         raise ValueError(f"{role} {src.path or src.kind!r} has no trained {'/'.join(missing)} head (it has "
                          f"{'/'.join(have)}); give the workdir/model of a stage that trained one")
+
+
+def saved_scoring(spec: Any) -> dict | None:
+    """The scoring settings an RM stage saved with its model (`save_pretrained(scoring=...)`),
+    or None: a pair, a GGUF file, a foreign checkpoint or a model saved without them."""
+    src = resolve(spec)
+    return saved_meta(src.path).get("scoring") if src.kind == "pretrained" else None
 
 
 def load_model(spec: Any, *, heads: tuple[str, ...] = ("lm",), tokenizer: Any = "", mesh: Mesh | None = None,

@@ -64,8 +64,9 @@ def _reward_model(cfg, rt: Runtime, models: Models) -> None:
                                   role="reward.rm_path")
     if cfg.reward.rm_tokenizer:
         # The RM reads text, not the policy's tokens: decode, re-encode as its data was, score.
-        models.rm_text = RMScorer((rm, rm_tokenizer), max_length=int(cfg.reward.rm_max_length),
-                                  batch_size=int(cfg.ppo.batch_size))
+        # rm_max_length 0: the RM's saved scoring settings (those of its training data).
+        models.rm_text = RMScorer((rm, rm_tokenizer), max_length=int(cfg.reward.rm_max_length) or None,
+                                  batch_size=int(cfg.ppo.batch_size), settings_from=cfg.reward.rm_path)
         models.rm_params = models.rm_text.params
     else:
         models.rm_def, _, models.rm_params = ModelDef.split(rm, None)

@@ -40,6 +40,7 @@ class Stage:
     loss_fn: Callable  # (config) -> loss(model, micro_batch) -> (sum, normaliser, stats)
     finalize: Callable | None = None
     after_training: Callable | None = None  # (config, StageRun) -> extra summary
+    scoring: Callable | None = None  # (config, StageRun) -> scoring settings saved with the model (the RM's)
     # (config, Runtime, model_def, params, frozen, train, eval) -> (frozen, train, eval), before
     # the state is built: DPO's reference (extra frozen arrays, or log-probs stored with the data).
     setup: Callable | None = None
@@ -129,6 +130,9 @@ STAGES: dict[str, Stage] = {
         batch_kwargs=lambda cfg: dict(max_responses=cfg.rm.max_responses, max_pairs=cfg.rm.max_pairs),
         loss_fn=lambda cfg: functools.partial(reward_model.rm_loss, center_rewards_coef=cfg.rm.center_rewards_coef),
         after_training=_rm_after_training,
+        scoring=lambda cfg, r: reward_model.scoring_settings(
+            max_length=cfg.data.max_length, max_prompt_length=cfg.data.get("max_prompt_length") or None,
+            format=r.train_data.format),
     ),
     "dpo": Stage(
         heads=("lm",),
@@ -326,7 +330,8 @@ def run(cfg, workdir) -> dict:
         r.save(ckpt, r.num_steps, force=True)
     ckpt.close()
     extra = r.stage.after_training(cfg, r) if r.stage.after_training else {}
-    save_pretrained(r.model_def.merge(r.state.params, r.state.frozen), r.rt.workdir / "model", tokenizer=r.tokenizer)
+    save_pretrained(r.model_def.merge(r.state.params, r.state.frozen), r.rt.workdir / "model", tokenizer=r.tokenizer,
+                    scoring=r.stage.scoring(cfg, r) if r.stage.scoring else None)
     writer.close()
     # The whole history (a resumed run's earlier processes too), then this process's last rows.
     summary = {**last_values(r.rt.workdir), **{k: v for k, v in last.items() if k != "step"}}
