@@ -97,6 +97,25 @@ def test_load_json_jsonl_parquet_and_directory(tmp_path):
     assert ds.format == "explicit" and ds.num_pairs() == 2
 
 
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.jsonl", '{"text": "a"}\n\n{"text": "b",\n{"text": "c"}\n', "bad.jsonl: line 3: not valid JSON"),
+    ("bad.jsonl.gz", '{"text": "a"}\n[1, 2]\n', "bad.jsonl.gz: line 2: expected a JSON object per line, got list"),
+    ("bad.json", '[{"text": "a"},\n {"text" "b"}]', "bad.json: line 2, column 10: not valid JSON"),
+])
+def test_malformed_json_names_the_file_and_the_1_based_line(tmp_path, name, text, where):
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        data.sft_dataset(path, "byte")
+    message = str(err.value)
+    assert where in message and str(tmp_path) in message and "\n" not in message
+    assert type(err.value) is ValueError  # not datasets' DatasetGenerationError
+
+
 def test_hub_name_offline_gives_one_clear_error(monkeypatch):
     import datasets
     import huggingface_hub.constants

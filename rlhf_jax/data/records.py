@@ -2,14 +2,19 @@
 
 `load_records` turns a local file, a directory of files, or a hub name into plain Python
 rows (`list[dict]`) and remembers which file each row came from, so a bad row can be
-reported as `file, row N` (1-based) in one clear error.
+reported as `file, row N` (1-based) in one clear error. A file `datasets` cannot read (e.g.
+a malformed JSON line) is one `ValueError` naming the file and, for JSON, the 1-based line.
 """
 
 from __future__ import annotations
 
 import bisect
+import bz2
 import dataclasses
+import gzip
+import json
 import logging
+import lzma
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -157,8 +162,57 @@ def _load_file(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
     # datasets keeps heterogeneous JSON columns (a string in one row, a list in another) as
     # a `Json` feature with the original Python values, so a wrong-type row survives
     # loading and is reported by the row checks with its row number.
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    # Its JSON reader logs a bad file's error (with a 0-based row) before raising; the error
+    # raised below says it once, 1-based.
+    quiet = logging.getLogger("datasets.packaged_modules.json.json")
+    was_disabled, quiet.disabled = quiet.disabled, True
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as e:
+        # `datasets` says only "An error occurred while generating the dataset", with the
+        # cause (and a 0-based row) in the chained exceptions: find the line ourselves.
+        where = _json_problem(path) if builder == "json" else None
+        if where is None:
+            cause = e.__cause__ or e.__context__ or e
+            where = f"cannot be read as {builder} ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+        raise ValueError(f"{path}: {where}. Fix or remove it.") from None
+    finally:
+        quiet.disabled = was_disabled
     return ds.to_list()
+
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _json_problem(path: Path) -> str | None:
+    """'line N: what is wrong' (1-based) for the first bad line of a JSON or JSON-lines file,
+    or None when Python's json reads it all (or the compression is unknown here)."""
+    suffix = path.suffix.lower()
+    if suffix not in _OPENERS and suffix not in (".json", ".jsonl"):
+        return None  # .zst: no reader in the standard library
+    opener = _OPENERS.get(suffix, open)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as e:
+        return f"cannot be read as UTF-8 text ({type(e).__name__}: {e})"
+    if text.lstrip().startswith("["):  # one JSON document: a list of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+        bad = next((k for k, row in enumerate(rows) if not isinstance(row, dict)), None)
+        return None if bad is None else f"row {bad + 1}: expected a JSON object, got {type(rows[bad]).__name__}"
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+        if not isinstance(row, dict):
+            return f"line {n}: expected a JSON object per line, got {type(row).__name__}"
+    return None
 
 
 def load_records(path: Any, *, split: str = "train", cache_dir: str | None = None) -> Records:
