@@ -399,6 +399,23 @@ def test_last_partial_batch_dropped_or_padded():
         data.batches(_sft(3), batch_size=4)
 
 
+def test_a_full_last_batch_is_kept():
+    assert data.num_batches(_sft(8), batch_size=4) == 2  # SFT: 8 = 2 full batches
+    pairs = lambda n: data.preference_dataset(
+        [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(n)], "byte", max_length=8)
+    kw = dict(max_responses=16, max_pairs=8, seed=0)
+    # 16 pairs of 2 responses = 2 full batches of 8 pairs (the second was dropped before).
+    assert data.num_batches(pairs(16), **kw) == 2 and len(list(data.batches(pairs(16), **kw))) == 2
+    assert data.num_batches(pairs(17), **kw) == 2  # a third batch of 1 pair is partial: dropped
+    assert data.num_batches(pairs(17), drop_last=False, **kw) == 3
+    # Ranked groups of 2 and 3 responses: a last batch nothing more fits in is full.
+    ds = data.preference_dataset(FIXTURES / "pref_ranked.jsonl", "byte", max_length=32)
+    sizes = [(len(g.responses), len(g.chosen)) for g in ds.examples]  # (2,1) (3,3) (4,6) (2,1) (3,3)
+    plan = data.batching._epoch_plan(ds, 0, batch_size=None, max_responses=5, max_pairs=6, seed=0, shuffle=False,
+                                     drop_last=True)
+    assert plan == [[0, 1], [2], [3, 4]] and sum(sizes[g][0] for g in plan[-1]) == 5
+
+
 def test_multi_process_slices_concatenate_to_global_batch():
     ds = _sft(16)
     global_ = list(data.batches(ds, batch_size=8, seed=2, num_epochs=2, start_step=1))

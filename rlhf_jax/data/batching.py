@@ -13,7 +13,9 @@ masks 0.
 
 Epoch e's order is a permutation from `default_rng([seed, e])`, steps count globally, and
 `start_step=s` resumes exactly at step s. Process i of n yields rows [i·B/n, (i+1)·B/n) of
-every global batch.
+every global batch. `drop_last` drops an epoch's last batch only when it is partial: for SFT
+and prompts fewer than B examples, for preferences a batch the smallest group would still
+have fitted in (a full last batch is kept).
 """
 
 from __future__ import annotations
@@ -179,7 +181,14 @@ def _epoch_plan(dataset: Dataset, epoch: int, *, batch_size, max_responses, max_
     if dataset.kind == "preference":
         sizes = [(len(g.responses), len(g.chosen)) for g in dataset.examples]
         plan = pack_groups(sizes, order, max_responses, max_pairs)
-        return plan[:-1] if drop_last else plan
+        if drop_last and plan:
+            # Partial only if the smallest group would still have fitted in it.
+            n_resp = sum(sizes[g][0] for g in plan[-1])
+            n_pairs = sum(sizes[g][1] for g in plan[-1])
+            smallest_r, smallest_p = min(r for r, _ in sizes), min(p for _, p in sizes)
+            if n_resp + smallest_r <= max_responses and n_pairs + smallest_p <= max_pairs:
+                plan = plan[:-1]
+        return plan
     n = len(order)
     plan = [order[k:k + batch_size].tolist() for k in range(0, n - n % batch_size, batch_size)]
     if n % batch_size and not drop_last:
@@ -224,7 +233,8 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       shuffle: False keeps the dataset order (evaluation).
       num_epochs: epochs to run; None = forever.
       start_step: global step (counted from 0 over all epochs) of the first batch yielded.
-      drop_last: drop (True) or pad (False) the last partial batch of each epoch.
+      drop_last: drop (True) or pad (False) the last partial batch of each epoch (module
+        docstring: a full last batch is never dropped).
       process_index, process_count: this process and the number of processes.
       response_mask, pair_weighting: the optional DPO keys of preference batches.
 
