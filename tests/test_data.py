@@ -193,6 +193,57 @@ def test_truncation_lengths(prompt_len, response_len, max_length, max_prompt_len
     assert data.truncation_lengths(prompt_len, response_len, max_length, max_prompt_length) == expected
 
 
+@pytest.mark.parametrize("prompt_len, response_len, max_length, max_prompt_length, expected", [
+    (3, 4, 10, None, (3, 4)), (10, 5, 8, None, (3, 5)), (3, 10, 8, None, (0, 8)),
+    (10, 10, 8, 5, (0, 8)), (10, 3, 8, 2, (2, 3)), (0, 20, 8, None, (0, 8)), (2, 1, 3, 5, (2, 1)),
+])
+def test_response_first_lengths(prompt_len, response_len, max_length, max_prompt_length, expected):
+    assert data.response_first_lengths(prompt_len, response_len, max_length, max_prompt_length) == expected
+
+
+def test_preference_truncation_keeps_the_responses_and_cuts_the_prompt_from_the_left(tok):
+    rows = [{"prompt": "0123456789", "chosen": " good", "rejected": " bad"},
+            {"prompt": "0123456789", "chosen": " a long answer", "rejected": " b"}]
+    ds = data.preference_dataset(rows, tok, max_length=10)
+    # [BOS] + the prompt's end + the whole response + EOS; the prompt-first rule kept
+    # [BOS] + 8 prompt bytes + 1 response byte, the same for both responses.
+    assert [tok.decode(r) for g in ds.examples for r in g.responses] == [
+        "<bos>789 good<eos>", "<bos>6789 bad<eos>", "<bos> a long a", "<bos>456789 b<eos>"]
+    assert [s for g in ds.examples for s in g.response_starts.tolist()] == [4, 5, 1, 7]
+    assert ds.report.truncated == 4 and ds.report.dropped_pairs == {}
+    # RM scoring encodes (prompt, response) text exactly as the data was.
+    texts = [("0123456789", r) for r in (" good", " bad", " a long answer", " b")]
+    for got, want in zip(data.encode_prompt_response(tok, texts, max_length=10),
+                         [r for g in ds.examples for r in g.responses]):
+        np.testing.assert_array_equal(got, want)
+    capped = data.encode_prompt_response(tok, texts[1:2], max_length=10, max_prompt_length=3)
+    assert tok.decode(capped[0]) == "<bos>89 bad<eos>"  # BOS counts towards max_prompt_length
+    assert tok.decode(data.encode_prompt_response(tok, texts[1:2], max_length=10, add_bos=False)[0]) == "56789 bad<eos>"
+
+
+def test_pairs_identical_after_truncation_are_dropped_counted_and_logged(tok, caplog):
+    rows = [{"prompt": "q", "ranked": [" same start, then A", " same start, then B", " other"]},
+            {"prompt": "r", "ranked": [" twin one", " twin two"]},
+            {"prompt": "s", "ranked": [" x", " y"]}]
+    with caplog.at_level("WARNING"):
+        ds = data.preference_dataset(rows, tok, max_length=6)
+    # " same start..." both become [BOS] " same": their pair is dropped, the other two kept;
+    # both " twin ..." are [BOS] " twin": that group is gone.
+    assert ds.report.pairs == 5 and ds.report.dropped_pairs == {"identical_after_truncation": 2}
+    assert ds.num_pairs() == 3 and [g.prompt for g in ds.examples] == ["q", "s"]
+    q = ds.examples[0]
+    assert len(q.responses) == 3 and list(zip(q.chosen, q.rejected)) == [(0, 2), (1, 2)]
+    assert ds.report.kept == 2  # the twin row gave nothing
+    (line,) = [r.getMessage() for r in caplog.records if "preference pairs" in r.getMessage()]
+    assert "dropped 2 of 5 preference pairs {'identical_after_truncation': 2}" in line and "max_length" in line
+    # A response used by no remaining pair is removed with its pairs.
+    ds = data.preference_dataset(rows[1:2] + [{"prompt": "r", "ranked": [" twin one", " z"]}], tok, max_length=6)
+    (r,) = ds.examples  # one group: the rows share " twin one"
+    assert [tok.decode(x) for x in r.responses] == ["<bos> twin", "<bos>r z<eos>"]
+    assert list(zip(r.chosen, r.rejected)) == [(0, 1)]
+    assert r.response_starts.tolist() == [1, 2]
+
+
 def test_sft_text_format_trains_on_all_tokens(tok):
     ds = data.sft_dataset(FIXTURES / "sft_text.jsonl", tok, max_length=64)
     ex = ds.examples[0]
@@ -263,10 +314,14 @@ def test_hh_real_file():
     # Four real rows have an empty chosen response (rows 648, 692, 1442, 1622).
     with pytest.raises(data.BadRowError, match=r"hh_rlhf_harmless_dev.jsonl.gz: row 648: field 'chosen'"):
         data.preference_dataset(path, "byte", max_length=256)
-    ds = data.preference_dataset(path, "byte", max_length=256, max_prompt_length=192, on_bad_row="skip")
+    # configs/rm.py's settings: 256 bytes and no max_prompt_length. Cutting the prompt first
+    # left 62% of the pairs with chosen == rejected; the response first leaves none.
+    ds = data.preference_dataset(path, "byte", max_length=256, on_bad_row="skip")
     assert ds.report.skipped == {"empty_response": 4} and ds.report.kept == 1796
-    assert ds.num_pairs() == 1796
+    assert ds.num_pairs() == 1796 and ds.report.dropped_pairs == {}
     assert all(len(r) <= 256 for g in ds.examples for r in g.responses)
+    assert all(not np.array_equal(g.responses[c], g.responses[r])
+               for g in ds.examples for c, r in zip(g.chosen, g.rejected))
 
 
 def test_ranked_pairs_and_whole_groups_per_batch(tok):
@@ -306,7 +361,9 @@ def test_oasst_real_file():
         data.preference_dataset(path, "byte", max_length=64)
     ds = data.preference_dataset(path, "byte", max_length=64, on_bad_row="skip")
     assert ds.report.skipped == {"too_few_responses": sum(k < 2 for k in distinct)} == {"too_few_responses": 3}
-    assert ds.num_pairs() == expected_pairs == 1798
+    assert ds.report.pairs == expected_pairs == 1798
+    # At 64 bytes five pairs of long Chinese answers share their first 63 bytes: dropped.
+    assert ds.report.dropped_pairs == {"identical_after_truncation": 5} and ds.num_pairs() == 1793
 
 
 # ------------------------------------------------------------------------------ bad rows

@@ -96,6 +96,10 @@ class LoadReport:
       skipped: number of skipped rows by reason (only with on_bad_row='skip').
       truncated: sequences (SFT examples, preference responses, prompts) shortened to fit
         max_length / max_prompt_length.
+      pairs: preference pairs the kept rows express (before `dropped_pairs`).
+      dropped_pairs: preference pairs left out by reason, e.g. "identical_after_truncation":
+        chosen and rejected are the same token ids once truncated, so the pair carries no
+        preference (the loss is log 2 whatever the model, and a held-out tie).
       notes: other counts worth logging (e.g. duplicate ranked responses merged).
       first_skipped: the messages of the first few skipped rows, for a log line.
     """
@@ -106,6 +110,8 @@ class LoadReport:
     kept: int = 0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     truncated: int = 0
+    pairs: int = 0
+    dropped_pairs: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: dict[str, int] = dataclasses.field(default_factory=dict)
     first_skipped: list[str] = dataclasses.field(default_factory=list)
 
@@ -126,10 +132,19 @@ class LoadReport:
     def note(self, key: str, n: int = 1) -> None:
         self.notes[key] = self.notes.get(key, 0) + n
 
+    def drop_pairs(self, reason: str, n: int) -> None:
+        """Counts `n` preference pairs left out for `reason` (see `dropped_pairs`)."""
+        if n:
+            self.dropped_pairs[reason] = self.dropped_pairs.get(reason, 0) + n
+
     def log(self) -> None:
         if self.num_skipped:
             _log.warning("%s: skipped %d of %d rows %s; first: %s", self.source, self.num_skipped,
                          self.rows, self.skipped, self.first_skipped[0])
+        if self.dropped_pairs:
+            _log.warning("%s: dropped %d of %d preference pairs %s: chosen and rejected are the same tokens "
+                         "after truncation, so the pair carries no preference; raise max_length to keep them",
+                         self.source, sum(self.dropped_pairs.values()), self.pairs, self.dropped_pairs)
         if self.truncated:
             _log.info("%s: %d examples truncated to fit the length limits", self.source, self.truncated)
 

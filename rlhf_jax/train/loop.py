@@ -333,7 +333,8 @@ def run(cfg, workdir) -> dict:
     summary.update({"stage": cfg.stage, "steps": r.num_steps, "trainable_params": n_params,
                     "train_examples": len(r.train_data),
                     "eval_examples": 0 if r.eval_data is None else len(r.eval_data),
-                    "skipped_rows": dict(getattr(r.train_data.report, "skipped", {}) or {})})
+                    "skipped_rows": dict(getattr(r.train_data.report, "skipped", {}) or {}),
+                    "dropped_pairs": dict(getattr(r.train_data.report, "dropped_pairs", {}) or {})})
     if r.rt.is_main:
         write_json_atomic(r.rt.workdir / "summary.json", summary)
     return summary
