@@ -140,7 +140,7 @@ def test_rm_learns_preferences_and_is_normalised(data_dir, tmp_path):
     summary = run(cfg, tmp_path)
     assert summary["eval/accuracy"] > 0.8  # chance is 0.5
     assert {"rm/gain", "rm/bias"} <= set(summary)
-    assert summary["dropped_pairs"] == {"identical_after_truncation": 1}
+    assert summary["dropped_pairs"] == {"identical_after_truncation": 1} and summary["eval/ties"] == 0.0
     # The saved RM carries its normalisation: held-out responses score mean 0, std 1.
     from rlhf_jax import data as data_lib
     from rlhf_jax import sharding

@@ -126,7 +126,7 @@ STAGES: dict[str, Stage] = {
     "rm": Stage(
         heads=("reward",),
         build_data=_rm_data,
-        batch_kwargs=lambda cfg: dict(max_responses=cfg.rm.max_responses, max_pairs=cfg.rm.max_pairs),
+        batch_kwargs=reward_model.batch_kwargs,
         loss_fn=lambda cfg: functools.partial(reward_model.rm_loss, center_rewards_coef=cfg.rm.center_rewards_coef),
         after_training=_rm_after_training,
     ),
