@@ -53,7 +53,10 @@ def get_config(arg=None):
         tensorboard=True,
         progress_bar=True,
     ))
-    c.rm = ml_collections.ConfigDict(dict(max_responses=16, max_pairs=16, center_rewards_coef=0.0, normalize=True))
+    # pair_weighting: 'per_prompt' (a K-response ranking's C(K,2) pairs share one prompt's weight,
+    # InstructGPT) or 'per_pair'; the same for pairs (K=2).
+    c.rm = ml_collections.ConfigDict(dict(max_responses=16, max_pairs=16, center_rewards_coef=0.0, normalize=True,
+                                          pair_weighting="per_prompt"))
     c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0,
                                                    coordinator_address="localhost:12355"))
     return c

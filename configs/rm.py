@@ -5,7 +5,10 @@
 
 The RM is the LM with its output layer replaced by a scalar head read at the last token; after
 training its scores are normalised (mean 0, std 1 on the held-out responses) and the gain and
-bias are saved with it. To start from an SFT run: --config.model.init=pretrained
+bias are saved with it. Each sequence keeps its response and as much of the end of the prompt
+as fits in data.max_length (at most data.max_prompt_length when set); pairs whose two sides
+are still the same tokens are dropped and counted (summary.json: dropped_pairs). A ranked
+prompt's pairs share one prompt's weight (rm.pair_weighting='per_prompt'). To start from an SFT run: --config.model.init=pretrained
 --config.model.path=runs/sft/model. Variants: `tiny` (default), `smollm2` (see
 experiments/rm_hh_smollm2.py).
 """

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.data import left_pad, truncation_lengths
+from rlhf_jax.data import encode_prompt_response, left_pad
+from rlhf_jax.data.batching import PAIR_WEIGHTINGS
 from rlhf_jax.models import ModelDef, Transformer, cached_program, gather_last, load_model, model_mesh, to_host
 from rlhf_jax.models.load import resolve, saved_scoring
 
@@ -39,26 +40,47 @@ def scores(model: Transformer, input_ids_NT: jax.Array, attention_mask_NT: jax.A
 
 
 def rm_loss(model: Transformer, batch: dict, *, center_rewards_coef: float = 0.0) -> tuple[jax.Array, jax.Array, dict]:
-    """−log σ(r₊ − r₋ − margin) summed over real pairs (+ TRL's reward-centring term), the
-    number of real pairs, and metric (sum, count) pairs."""
+    """Σ w·(−log σ(r₊ − r₋ − margin)) over the pairs (+ TRL's reward-centring term), Σ w, and
+    metric (Σ w·x, Σ w) pairs.
+
+    w = pair_mask · pair_weight: `pair_weight` is 1/C(K,2) for the pairs of a K-response
+    ranking with per-prompt weighting (InstructGPT; `data.batching`), 1 per pair without it
+    (or when the batch has no `pair_weight`). accuracy counts an exact tie r₊ = r₋ as 0.5 and
+    `ties` reports how often one occurred (identical inputs, or a constant head).
+    """
     r_N = raw_scores(model, batch["input_ids"], batch["attention_mask"])
     r_chosen_P = r_N[batch["chosen_idx"]]
     r_rejected_P = r_N[batch["rejected_idx"]]
-    w_P = batch["pair_mask"].astype(jnp.float32)
+    mask_P = batch["pair_mask"].astype(jnp.float32)
+    w_P = mask_P * batch["pair_weight"].astype(jnp.float32) if "pair_weight" in batch else mask_P
     diff_P = r_chosen_P - r_rejected_P
     loss_P = -jax.nn.log_sigmoid(diff_P - batch["margin"])
     if center_rewards_coef:
         loss_P = loss_P + center_rewards_coef * (r_chosen_P + r_rejected_P) ** 2
-    n_pairs = w_P.sum()
+    weight = w_P.sum()
+    tie_P = (diff_P == 0).astype(jnp.float32)
+
+    def weighted(x_P):
+        return (x_P * w_P).sum(), weight
+
     stats = {
-        "loss": ((loss_P * w_P).sum(), n_pairs),
-        "accuracy": (((diff_P > 0).astype(jnp.float32) * w_P).sum(), n_pairs),
-        "reward_chosen": ((r_chosen_P * w_P).sum(), n_pairs),
-        "reward_rejected": ((r_rejected_P * w_P).sum(), n_pairs),
-        "reward_margin": ((diff_P * w_P).sum(), n_pairs),
-        "pairs_per_batch": (n_pairs, jnp.float32(1.0)),
+        "loss": weighted(loss_P),
+        "accuracy": weighted((diff_P > 0).astype(jnp.float32) + 0.5 * tie_P),
+        "ties": weighted(tie_P),
+        "reward_chosen": weighted(r_chosen_P),
+        "reward_rejected": weighted(r_rejected_P),
+        "reward_margin": weighted(diff_P),
+        "pairs_per_batch": (mask_P.sum(), jnp.float32(1.0)),
     }
-    return (loss_P * w_P).sum(), n_pairs, stats
+    return (loss_P * w_P).sum(), weight, stats
+
+
+def batch_kwargs(cfg) -> dict:
+    """`data.batches` arguments of a reward-model micro-batch (`cfg.rm`'s sizes and weighting)."""
+    weighting = cfg.rm.get("pair_weighting", "per_prompt")
+    if weighting not in PAIR_WEIGHTINGS:
+        raise ValueError(f"rm.pair_weighting={weighting!r} is not one of {list(PAIR_WEIGHTINGS)}")
+    return dict(max_responses=int(cfg.rm.max_responses), max_pairs=int(cfg.rm.max_pairs), pair_weighting=weighting)
 
 
 def normalisation(raw: np.ndarray) -> tuple[float, float]:
@@ -159,24 +181,11 @@ class RMScorer:
         self._program = cached_program("rm_scores", self.model_def, self.mesh, None,
                                        lambda: jax.jit(functools.partial(_scores_program, self.model_def)))
 
-    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[list[int]]:
-        """The token ids the RM scores, one list per (prompt, response)."""
-        tok = self.tokenizer
-        texts = list(dict.fromkeys(t for pair in pairs for t in pair))
-        ids = dict(zip(texts, tok(texts, add_special_tokens=False)["input_ids"])) if texts else {}
-        bos, eos = (tok.bos_token_id if self.add_bos else None), tok.eos_token_id
-        seqs = []
-        for prompt, response in pairs:
-            p_ids, r_ids = list(ids[prompt]), list(ids[response])
-            if not r_ids or r_ids[-1] != eos:
-                r_ids.append(eos)
-            first = (p_ids or r_ids)[0]
-            prefix = [] if bos is None or first == bos else [bos]
-            cap = None if self.max_prompt_length is None else self.max_prompt_length - len(prefix)
-            # The RM data's truncation rule (data.truncation_lengths), not a copy of it.
-            p, r = truncation_lengths(len(p_ids), len(r_ids), self.max_length - len(prefix), cap)
-            seqs.append(prefix + p_ids[len(p_ids) - p:] + r_ids[:r])
-        return seqs
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> list[np.ndarray]:
+        """The token ids the RM scores, one array per (prompt, response): the preference data's
+        own encoding (`data.encode_prompt_response`: the response kept, the prompt cut from the left)."""
+        return encode_prompt_response(self.tokenizer, pairs, max_length=self.max_length,
+                                      max_prompt_length=self.max_prompt_length, add_bos=self.add_bos)
 
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """Scores float32 [N] of (prompt, response) pairs."""

@@ -97,6 +97,25 @@ def test_load_json_jsonl_parquet_and_directory(tmp_path):
     assert ds.format == "explicit" and ds.num_pairs() == 2
 
 
+@pytest.mark.parametrize("name, text, where", [
+    ("bad.jsonl", '{"text": "a"}\n\n{"text": "b",\n{"text": "c"}\n', "bad.jsonl: line 3: not valid JSON"),
+    ("bad.jsonl.gz", '{"text": "a"}\n[1, 2]\n', "bad.jsonl.gz: line 2: expected a JSON object per line, got list"),
+    ("bad.json", '[{"text": "a"},\n {"text" "b"}]', "bad.json: line 2, column 10: not valid JSON"),
+])
+def test_malformed_json_names_the_file_and_the_1_based_line(tmp_path, name, text, where):
+    path = tmp_path / name
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    with pytest.raises(ValueError) as err:
+        data.sft_dataset(path, "byte")
+    message = str(err.value)
+    assert where in message and str(tmp_path) in message and "\n" not in message
+    assert type(err.value) is ValueError  # not datasets' DatasetGenerationError
+
+
 def test_hub_name_offline_gives_one_clear_error(monkeypatch):
     import datasets
     import huggingface_hub.constants
@@ -174,6 +193,57 @@ def test_truncation_lengths(prompt_len, response_len, max_length, max_prompt_len
     assert data.truncation_lengths(prompt_len, response_len, max_length, max_prompt_length) == expected
 
 
+@pytest.mark.parametrize("prompt_len, response_len, max_length, max_prompt_length, expected", [
+    (3, 4, 10, None, (3, 4)), (10, 5, 8, None, (3, 5)), (3, 10, 8, None, (0, 8)),
+    (10, 10, 8, 5, (0, 8)), (10, 3, 8, 2, (2, 3)), (0, 20, 8, None, (0, 8)), (2, 1, 3, 5, (2, 1)),
+])
+def test_response_first_lengths(prompt_len, response_len, max_length, max_prompt_length, expected):
+    assert data.response_first_lengths(prompt_len, response_len, max_length, max_prompt_length) == expected
+
+
+def test_preference_truncation_keeps_the_responses_and_cuts_the_prompt_from_the_left(tok):
+    rows = [{"prompt": "0123456789", "chosen": " good", "rejected": " bad"},
+            {"prompt": "0123456789", "chosen": " a long answer", "rejected": " b"}]
+    ds = data.preference_dataset(rows, tok, max_length=10)
+    # [BOS] + the prompt's end + the whole response + EOS; the prompt-first rule kept
+    # [BOS] + 8 prompt bytes + 1 response byte, the same for both responses.
+    assert [tok.decode(r) for g in ds.examples for r in g.responses] == [
+        "<bos>789 good<eos>", "<bos>6789 bad<eos>", "<bos> a long a", "<bos>456789 b<eos>"]
+    assert [s for g in ds.examples for s in g.response_starts.tolist()] == [4, 5, 1, 7]
+    assert ds.report.truncated == 4 and ds.report.dropped_pairs == {}
+    # RM scoring encodes (prompt, response) text exactly as the data was.
+    texts = [("0123456789", r) for r in (" good", " bad", " a long answer", " b")]
+    for got, want in zip(data.encode_prompt_response(tok, texts, max_length=10),
+                         [r for g in ds.examples for r in g.responses]):
+        np.testing.assert_array_equal(got, want)
+    capped = data.encode_prompt_response(tok, texts[1:2], max_length=10, max_prompt_length=3)
+    assert tok.decode(capped[0]) == "<bos>89 bad<eos>"  # BOS counts towards max_prompt_length
+    assert tok.decode(data.encode_prompt_response(tok, texts[1:2], max_length=10, add_bos=False)[0]) == "56789 bad<eos>"
+
+
+def test_pairs_identical_after_truncation_are_dropped_counted_and_logged(tok, caplog):
+    rows = [{"prompt": "q", "ranked": [" same start, then A", " same start, then B", " other"]},
+            {"prompt": "r", "ranked": [" twin one", " twin two"]},
+            {"prompt": "s", "ranked": [" x", " y"]}]
+    with caplog.at_level("WARNING"):
+        ds = data.preference_dataset(rows, tok, max_length=6)
+    # " same start..." both become [BOS] " same": their pair is dropped, the other two kept;
+    # both " twin ..." are [BOS] " twin": that group is gone.
+    assert ds.report.pairs == 5 and ds.report.dropped_pairs == {"identical_after_truncation": 2}
+    assert ds.num_pairs() == 3 and [g.prompt for g in ds.examples] == ["q", "s"]
+    q = ds.examples[0]
+    assert len(q.responses) == 3 and list(zip(q.chosen, q.rejected)) == [(0, 2), (1, 2)]
+    assert ds.report.kept == 2  # the twin row gave nothing
+    (line,) = [r.getMessage() for r in caplog.records if "preference pairs" in r.getMessage()]
+    assert "dropped 2 of 5 preference pairs {'identical_after_truncation': 2}" in line and "max_length" in line
+    # A response used by no remaining pair is removed with its pairs.
+    ds = data.preference_dataset(rows[1:2] + [{"prompt": "r", "ranked": [" twin one", " z"]}], tok, max_length=6)
+    (r,) = ds.examples  # one group: the rows share " twin one"
+    assert [tok.decode(x) for x in r.responses] == ["<bos> twin", "<bos>r z<eos>"]
+    assert list(zip(r.chosen, r.rejected)) == [(0, 1)]
+    assert r.response_starts.tolist() == [1, 2]
+
+
 def test_sft_text_format_trains_on_all_tokens(tok):
     ds = data.sft_dataset(FIXTURES / "sft_text.jsonl", tok, max_length=64)
     ex = ds.examples[0]
@@ -244,10 +314,14 @@ def test_hh_real_file():
     # Four real rows have an empty chosen response (rows 648, 692, 1442, 1622).
     with pytest.raises(data.BadRowError, match=r"hh_rlhf_harmless_dev.jsonl.gz: row 648: field 'chosen'"):
         data.preference_dataset(path, "byte", max_length=256)
-    ds = data.preference_dataset(path, "byte", max_length=256, max_prompt_length=192, on_bad_row="skip")
+    # configs/rm.py's settings: 256 bytes and no max_prompt_length. Cutting the prompt first
+    # left 62% of the pairs with chosen == rejected; the response first leaves none.
+    ds = data.preference_dataset(path, "byte", max_length=256, on_bad_row="skip")
     assert ds.report.skipped == {"empty_response": 4} and ds.report.kept == 1796
-    assert ds.num_pairs() == 1796
+    assert ds.num_pairs() == 1796 and ds.report.dropped_pairs == {}
     assert all(len(r) <= 256 for g in ds.examples for r in g.responses)
+    assert all(not np.array_equal(g.responses[c], g.responses[r])
+               for g in ds.examples for c, r in zip(g.chosen, g.rejected))
 
 
 def test_ranked_pairs_and_whole_groups_per_batch(tok):
@@ -287,7 +361,9 @@ def test_oasst_real_file():
         data.preference_dataset(path, "byte", max_length=64)
     ds = data.preference_dataset(path, "byte", max_length=64, on_bad_row="skip")
     assert ds.report.skipped == {"too_few_responses": sum(k < 2 for k in distinct)} == {"too_few_responses": 3}
-    assert ds.num_pairs() == expected_pairs == 1798
+    assert ds.report.pairs == expected_pairs == 1798
+    # At 64 bytes five pairs of long Chinese answers share their first 63 bytes: dropped.
+    assert ds.report.dropped_pairs == {"identical_after_truncation": 5} and ds.num_pairs() == 1793
 
 
 # ------------------------------------------------------------------------------ bad rows
@@ -378,6 +454,23 @@ def test_last_partial_batch_dropped_or_padded():
     assert len(set(seen)) == 10  # every example exactly once
     with pytest.raises(ValueError, match="no complete batch"):
         data.batches(_sft(3), batch_size=4)
+
+
+def test_a_full_last_batch_is_kept():
+    assert data.num_batches(_sft(8), batch_size=4) == 2  # SFT: 8 = 2 full batches
+    pairs = lambda n: data.preference_dataset(
+        [{"prompt": f"p{i}", "chosen": " a", "rejected": " b"} for i in range(n)], "byte", max_length=8)
+    kw = dict(max_responses=16, max_pairs=8, seed=0)
+    # 16 pairs of 2 responses = 2 full batches of 8 pairs (the second was dropped before).
+    assert data.num_batches(pairs(16), **kw) == 2 and len(list(data.batches(pairs(16), **kw))) == 2
+    assert data.num_batches(pairs(17), **kw) == 2  # a third batch of 1 pair is partial: dropped
+    assert data.num_batches(pairs(17), drop_last=False, **kw) == 3
+    # Ranked groups of 2 and 3 responses: a last batch nothing more fits in is full.
+    ds = data.preference_dataset(FIXTURES / "pref_ranked.jsonl", "byte", max_length=32)
+    sizes = [(len(g.responses), len(g.chosen)) for g in ds.examples]  # (2,1) (3,3) (4,6) (2,1) (3,3)
+    plan = data.batching._epoch_plan(ds, 0, batch_size=None, max_responses=5, max_pairs=6, seed=0, shuffle=False,
+                                     drop_last=True)
+    assert plan == [[0, 1], [2], [3, 4]] and sum(sizes[g][0] for g in plan[-1]) == 5
 
 
 def test_multi_process_slices_concatenate_to_global_batch():

@@ -55,13 +55,13 @@ def test_rm_stage_saves_its_scoring_settings(rm_dir):
 def test_scorer_uses_the_saved_settings_without_being_told(scorer):
     assert (scorer.max_length, scorer.max_prompt_length) == (MAX_LENGTH, MAX_PROMPT_LENGTH)
     tok = scorer.tokenizer
-    prompt, response = LONG
-    ids = scorer.encode([LONG])[0]
-    assert len(ids) == MAX_LENGTH
-    # [BOS] + the prompt's last MAX_PROMPT_LENGTH - 1 tokens + the response from its start.
+    prompt, response = LONG[0], " sunny"
+    ids = scorer.encode([(prompt, response)])[0].tolist()
+    # [BOS] + the prompt's last MAX_PROMPT_LENGTH - 1 tokens + the whole response + [EOS].
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     r_ids = tok(response, add_special_tokens=False)["input_ids"]
-    assert ids == [tok.bos_token_id] + p_ids[-(MAX_PROMPT_LENGTH - 1):] + r_ids[:MAX_LENGTH - MAX_PROMPT_LENGTH]
+    assert ids == [tok.bos_token_id] + p_ids[-(MAX_PROMPT_LENGTH - 1):] + r_ids + [tok.eos_token_id]
+    assert len(scorer.encode([LONG])[0]) == MAX_LENGTH
 
 
 def test_a_given_value_wins_and_a_mismatch_is_logged_once(scorer, rm_dir, caplog):

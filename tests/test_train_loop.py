@@ -132,10 +132,15 @@ def test_freezing_by_regex_keeps_other_parameters(data_dir, tmp_path):
 
 
 def test_rm_learns_preferences_and_is_normalised(data_dir, tmp_path):
-    cfg = tiny_config("rm", data_dir / "pref.jsonl", **{"train.num_steps": 30, "train.eval_every": 10})
+    # Plus one pair that is the same 32 tokens on both sides once truncated: dropped, counted.
+    twins = {"prompt": "say it:", "chosen": " " + "la " * 20 + "good", "rejected": " " + "la " * 20 + "bad"}
+    prefs = tmp_path / "pref.jsonl"
+    prefs.write_text((data_dir / "pref.jsonl").read_text() + json.dumps(twins) + "\n")
+    cfg = tiny_config("rm", prefs, **{"train.num_steps": 30, "train.eval_every": 10})
     summary = run(cfg, tmp_path)
     assert summary["eval/accuracy"] > 0.8  # chance is 0.5
     assert {"rm/gain", "rm/bias"} <= set(summary)
+    assert summary["dropped_pairs"] == {"identical_after_truncation": 1} and summary["eval/ties"] == 0.0
     # The saved RM carries its normalisation: held-out responses score mean 0, std 1.
     from rlhf_jax import data as data_lib
     from rlhf_jax import sharding
@@ -145,7 +150,7 @@ def test_rm_learns_preferences_and_is_normalised(data_dir, tmp_path):
     rm = load_pretrained(tmp_path / "model", mesh=sharding.make_mesh(devices=jax.devices()[:1]))
     assert rm.heads == ("reward",)
     tok = data_lib.load_tokenizer(tmp_path / "model")
-    ds = data_lib.preference_dataset(data_dir / "pref.jsonl", tok, max_length=32)
+    ds = data_lib.preference_dataset(prefs, tok, max_length=32)
     _, held_out = data_lib.split(ds, eval_fraction=0.125, seed=0)
     scores = []
     for b in data_lib.batches(held_out, max_responses=8, max_pairs=4, shuffle=False, drop_last=False):

@@ -34,6 +34,15 @@ def test_cli_mistakes_print_one_line(tmp_path, override, needle):
     assert "Traceback" not in out.stderr
 
 
+def test_a_malformed_jsonl_line_is_one_line_naming_the_file_and_line(tmp_path):
+    bad = tmp_path / "prefs.jsonl"
+    bad.write_text('{"prompt": "a", "chosen": " b", "rejected": " c"}\n{"prompt": "d", "chosen": " e",\n')
+    out = _cli("--config", "configs/rm.py", "--workdir", str(tmp_path / "run"), f"--config.data.path={bad}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: line 2: not valid JSON"), out.stderr[-2000:]
+
+
 def test_debug_shows_the_traceback(tmp_path):
     out = _cli("--config", "configs/sft.py", "--workdir", str(tmp_path), "--config.nope=1", "--debug")
     assert out.returncode != 0 and "Traceback" in out.stderr

@@ -8,11 +8,12 @@
         ...  # batch["input_ids"]: int32[N, T], batch["chosen_idx"]: int32[P], ...
 
 Modules: `records` (reading rows, bad-row policy), `tokenizer`, `formats` (row formats →
-text), `examples` (tokenization, truncation, datasets, split), `batching` (batches,
-iteration, multi-host slicing), `pretrain` (stage 0: raw text packed into fixed-length
-blocks, shuffled, resumable). Keyword arguments match the config fields: path, format,
-max_length, max_prompt_length, on_bad_row, eval_fraction, seed, batch_size, max_responses,
-max_pairs.
+text), `examples` (tokenization, truncation, datasets, split; `encode_prompt_response` gives
+the ids an RM scores, truncated as its data was), `batching` (batches, iteration, multi-host
+slicing), `pretrain` (stage 0: raw text packed into fixed-length blocks, shuffled,
+resumable). Keyword arguments match the config fields: path, format, max_length,
+max_prompt_length, on_bad_row, eval_fraction, seed, batch_size, max_responses, max_pairs,
+pair_weighting.
 """
 
 from rlhf_jax.data.batching import batches, left_pad, num_batches, pack_groups, prompt_texts
@@ -21,8 +22,10 @@ from rlhf_jax.data.examples import (
     PreferenceGroup,
     PromptExample,
     SFTExample,
+    encode_prompt_response,
     preference_dataset,
     prompt_dataset,
+    response_first_lengths,
     sft_dataset,
     split,
     truncation_lengths,
@@ -48,8 +51,8 @@ __all__ = [
     "BadRowError", "BlockIterator", "DEFAULT_CHAT_TEMPLATE", "Dataset", "Documents", "LoadReport",
     "PREFERENCE_FORMATS", "PROMPT_FORMATS", "PackReport", "PreferenceGroup", "PretrainBatches",
     "PromptExample", "Records", "SFTExample", "SFT_FORMATS", "batches", "byte_tokenizer",
-    "document_tokens", "left_pad", "load_documents", "load_records", "load_tokenizer", "num_batches",
-    "pack_blocks", "pack_groups", "pack_report", "preference_dataset", "prompt_dataset", "prompt_texts",
-    "sft_dataset", "shuffle_blocks", "split", "split_documents", "split_implicit_prompt",
-    "truncation_lengths", "unigram_cross_entropy",
+    "document_tokens", "encode_prompt_response", "left_pad", "load_documents", "load_records", "load_tokenizer",
+    "num_batches", "pack_blocks", "pack_groups", "pack_report", "preference_dataset", "prompt_dataset",
+    "prompt_texts", "response_first_lengths", "sft_dataset", "shuffle_blocks", "split", "split_documents",
+    "split_implicit_prompt", "truncation_lengths", "unigram_cross_entropy",
 ]

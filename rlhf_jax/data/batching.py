@@ -5,15 +5,17 @@ compiles once. Batches: SFT `input_ids`, `attention_mask` [B, T] and `loss_mask`
 loss reads logits[:, :-1] against input_ids[:, 1:] weighted by loss_mask[:, 1:]); preference
 `input_ids`, `attention_mask` [N, T] (one row per response) with `chosen_idx`,
 `rejected_idx`, `margin`, `pair_mask` [P] (indices into the *global* batch; whole prompt
-groups are packed, InstructGPT-style), and for DPO (`response_mask=True`, `pair_weighting`)
-also `response_mask` [N, T] (1 on each row's response tokens), `pair_weight` [P] and, when the
-groups carry precomputed reference log-probs, `ref_logps` [N]; prompt `input_ids`,
+groups are packed, InstructGPT-style), with `pair_weighting` also `pair_weight` [P] (RM and
+DPO), and for DPO (`response_mask=True`) also `response_mask` [N, T] (1 on each row's response
+tokens) and, when the groups carry precomputed reference log-probs, `ref_logps` [N]; prompt `input_ids`,
 `attention_mask` [B, Tq] and `index` [B] (−1 for a padding row). Padding rows are all pad with
 masks 0.
 
 Epoch e's order is a permutation from `default_rng([seed, e])`, steps count globally, and
 `start_step=s` resumes exactly at step s. Process i of n yields rows [i·B/n, (i+1)·B/n) of
-every global batch.
+every global batch. `drop_last` drops an epoch's last batch only when it is partial: for SFT
+and prompts fewer than B examples, for preferences a batch the smallest group would still
+have fitted in (a full last batch is kept).
 """
 
 from __future__ import annotations
@@ -65,14 +67,16 @@ def prompt_batch(dataset: Dataset, indices: Sequence[int]) -> dict[str, np.ndarr
 PAIR_WEIGHTINGS = ("per_pair", "per_prompt")
 
 
-def _dpo_fields(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int,
-                response_mask: bool, pair_weighting: str | None) -> dict[str, np.ndarray]:
-    """The optional DPO keys of `preference_batch` for the groups packed in this order.
+def _optional_fields(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int,
+                     response_mask: bool, pair_weighting: str | None) -> dict[str, np.ndarray]:
+    """The optional keys of `preference_batch` for the groups packed in this order.
 
-    response_mask [N, T]: 1 on the response tokens of each (left-padded) row. pair_weight [P]:
-    1 per pair ("per_pair") or 1/(pairs of its group) ("per_prompt": each comparison set
-    counts once however many responses were ranked); 0 on padding slots. ref_logps [N]: the
-    groups' precomputed reference log-probs (0 on padding rows), when every group has them.
+    response_mask [N, T] (DPO): 1 on the response tokens of each (left-padded) row.
+    pair_weight [P] (RM and DPO): 1 per pair ("per_pair") or 1/(pairs of its group)
+    ("per_prompt", InstructGPT: each comparison set counts once however many responses were
+    ranked, so a K=4 ranking's 6 pairs weigh as much as one K=2 pair); 0 on padding slots.
+    ref_logps [N] (DPO): the groups' precomputed reference log-probs (0 on padding rows), when
+    every group has them.
     """
     exs = [dataset.examples[g] for g in groups]
     out: dict[str, np.ndarray] = {}
@@ -101,8 +105,8 @@ def _dpo_fields(dataset: Dataset, groups: Sequence[int], max_responses: int, max
 def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
                      response_mask: bool = False, pair_weighting: str | None = None) -> dict[str, np.ndarray]:
     """Packs the preference groups at `groups` into one batch of N=max_responses response
-    rows and P=max_pairs pair slots (see the module docstring for the keys; the DPO keys
-    only when asked for, so reward-model batches are unchanged)."""
+    rows and P=max_pairs pair slots (see the module docstring for the keys; the optional
+    keys only when asked for)."""
     seqs: list[np.ndarray | None] = []
     chosen = np.zeros(max_pairs, np.int32)
     rejected = np.zeros(max_pairs, np.int32)
@@ -126,7 +130,7 @@ def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int
     ids, mask = left_pad(seqs, dataset.seq_len, dataset.pad_id)
     return {"input_ids": ids, "attention_mask": mask, "chosen_idx": chosen, "rejected_idx": rejected,
             "margin": margin, "pair_mask": pair_mask,
-            **_dpo_fields(dataset, groups, max_responses, max_pairs, response_mask, pair_weighting)}
+            **_optional_fields(dataset, groups, max_responses, max_pairs, response_mask, pair_weighting)}
 
 
 def _check_group_fits(group, max_responses: int, max_pairs: int) -> None:
@@ -179,7 +183,14 @@ def _epoch_plan(dataset: Dataset, epoch: int, *, batch_size, max_responses, max_
     if dataset.kind == "preference":
         sizes = [(len(g.responses), len(g.chosen)) for g in dataset.examples]
         plan = pack_groups(sizes, order, max_responses, max_pairs)
-        return plan[:-1] if drop_last else plan
+        if drop_last and plan:
+            # Partial only if the smallest group would still have fitted in it.
+            n_resp = sum(sizes[g][0] for g in plan[-1])
+            n_pairs = sum(sizes[g][1] for g in plan[-1])
+            smallest_r, smallest_p = min(r for r, _ in sizes), min(p for _, p in sizes)
+            if n_resp + smallest_r <= max_responses and n_pairs + smallest_p <= max_pairs:
+                plan = plan[:-1]
+        return plan
     n = len(order)
     plan = [order[k:k + batch_size].tolist() for k in range(0, n - n % batch_size, batch_size)]
     if n % batch_size and not drop_last:
@@ -224,9 +235,11 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       shuffle: False keeps the dataset order (evaluation).
       num_epochs: epochs to run; None = forever.
       start_step: global step (counted from 0 over all epochs) of the first batch yielded.
-      drop_last: drop (True) or pad (False) the last partial batch of each epoch.
+      drop_last: drop (True) or pad (False) the last partial batch of each epoch (module
+        docstring: a full last batch is never dropped).
       process_index, process_count: this process and the number of processes.
-      response_mask, pair_weighting: the optional DPO keys of preference batches.
+      response_mask, pair_weighting: the optional keys of preference batches (`pair_weighting`
+        one of `PAIR_WEIGHTINGS`, or None for no `pair_weight`).
 
     Returns:
       an iterator of batch dicts with local leading sizes B/n (or N/n and P/n).
@@ -267,8 +280,8 @@ def num_batches(dataset: Dataset, *, batch_size: int | None = None, max_response
                 max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, epoch: int = 0,
                 drop_last: bool = True, response_mask: bool = False, pair_weighting: str | None = None) -> int:
     """Number of batches in one epoch (for schedules). For preference data the packing, and so
-    the count, can differ slightly between epochs; this is the count of epoch `epoch`. The DPO
-    key options are accepted (and do not change the count) so batch kwargs can be passed as-is."""
+    the count, can differ slightly between epochs; this is the count of epoch `epoch`. The
+    optional key options are accepted (and do not change the count) so batch kwargs can be passed as-is."""
     del response_mask, pair_weighting
     _check_args(dataset, batch_size, max_responses, max_pairs, 0, 1)
     return len(_epoch_plan(dataset, epoch, batch_size=batch_size, max_responses=max_responses,

@@ -2,14 +2,19 @@
 
 `load_records` turns a local file, a directory of files, or a hub name into plain Python
 rows (`list[dict]`) and remembers which file each row came from, so a bad row can be
-reported as `file, row N` (1-based) in one clear error.
+reported as `file, row N` (1-based) in one clear error. A file `datasets` cannot read (e.g.
+a malformed JSON line) is one `ValueError` naming the file and, for JSON, the 1-based line.
 """
 
 from __future__ import annotations
 
 import bisect
+import bz2
 import dataclasses
+import gzip
+import json
 import logging
+import lzma
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -91,6 +96,10 @@ class LoadReport:
       skipped: number of skipped rows by reason (only with on_bad_row='skip').
       truncated: sequences (SFT examples, preference responses, prompts) shortened to fit
         max_length / max_prompt_length.
+      pairs: preference pairs the kept rows express (before `dropped_pairs`).
+      dropped_pairs: preference pairs left out by reason, e.g. "identical_after_truncation":
+        chosen and rejected are the same token ids once truncated, so the pair carries no
+        preference (the loss is log 2 whatever the model, and a held-out tie).
       notes: other counts worth logging (e.g. duplicate ranked responses merged).
       first_skipped: the messages of the first few skipped rows, for a log line.
     """
@@ -101,6 +110,8 @@ class LoadReport:
     kept: int = 0
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     truncated: int = 0
+    pairs: int = 0
+    dropped_pairs: dict[str, int] = dataclasses.field(default_factory=dict)
     notes: dict[str, int] = dataclasses.field(default_factory=dict)
     first_skipped: list[str] = dataclasses.field(default_factory=list)
 
@@ -121,10 +132,19 @@ class LoadReport:
     def note(self, key: str, n: int = 1) -> None:
         self.notes[key] = self.notes.get(key, 0) + n
 
+    def drop_pairs(self, reason: str, n: int) -> None:
+        """Counts `n` preference pairs left out for `reason` (see `dropped_pairs`)."""
+        if n:
+            self.dropped_pairs[reason] = self.dropped_pairs.get(reason, 0) + n
+
     def log(self) -> None:
         if self.num_skipped:
             _log.warning("%s: skipped %d of %d rows %s; first: %s", self.source, self.num_skipped,
                          self.rows, self.skipped, self.first_skipped[0])
+        if self.dropped_pairs:
+            _log.warning("%s: dropped %d of %d preference pairs %s: chosen and rejected are the same tokens "
+                         "after truncation, so the pair carries no preference; raise max_length to keep them",
+                         self.source, sum(self.dropped_pairs.values()), self.pairs, self.dropped_pairs)
         if self.truncated:
             _log.info("%s: %d examples truncated to fit the length limits", self.source, self.truncated)
 
@@ -157,8 +177,57 @@ def _load_file(path: Path, cache_dir: str | None) -> list[dict[str, Any]]:
     # datasets keeps heterogeneous JSON columns (a string in one row, a list in another) as
     # a `Json` feature with the original Python values, so a wrong-type row survives
     # loading and is reported by the row checks with its row number.
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    # Its JSON reader logs a bad file's error (with a 0-based row) before raising; the error
+    # raised below says it once, 1-based.
+    quiet = logging.getLogger("datasets.packaged_modules.json.json")
+    was_disabled, quiet.disabled = quiet.disabled, True
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    except datasets.exceptions.DatasetGenerationError as e:
+        # `datasets` says only "An error occurred while generating the dataset", with the
+        # cause (and a 0-based row) in the chained exceptions: find the line ourselves.
+        where = _json_problem(path) if builder == "json" else None
+        if where is None:
+            cause = e.__cause__ or e.__context__ or e
+            where = f"cannot be read as {builder} ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})"
+        raise ValueError(f"{path}: {where}. Fix or remove it.") from None
+    finally:
+        quiet.disabled = was_disabled
     return ds.to_list()
+
+
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _json_problem(path: Path) -> str | None:
+    """'line N: what is wrong' (1-based) for the first bad line of a JSON or JSON-lines file,
+    or None when Python's json reads it all (or the compression is unknown here)."""
+    suffix = path.suffix.lower()
+    if suffix not in _OPENERS and suffix not in (".json", ".jsonl"):
+        return None  # .zst: no reader in the standard library
+    opener = _OPENERS.get(suffix, open)
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError) as e:
+        return f"cannot be read as UTF-8 text ({type(e).__name__}: {e})"
+    if text.lstrip().startswith("["):  # one JSON document: a list of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+        bad = next((k for k, row in enumerate(rows) if not isinstance(row, dict)), None)
+        return None if bad is None else f"row {bad + 1}: expected a JSON object, got {type(rows[bad]).__name__}"
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"line {n}: not valid JSON ({e.msg} at column {e.colno})"
+        if not isinstance(row, dict):
+            return f"line {n}: expected a JSON object per line, got {type(row).__name__}"
+    return None
 
 
 def load_records(path: Any, *, split: str = "train", cache_dir: str | None = None) -> Records:

@@ -127,7 +127,7 @@ STAGES: dict[str, Stage] = {
     "rm": Stage(
         heads=("reward",),
         build_data=_rm_data,
-        batch_kwargs=lambda cfg: dict(max_responses=cfg.rm.max_responses, max_pairs=cfg.rm.max_pairs),
+        batch_kwargs=reward_model.batch_kwargs,
         loss_fn=lambda cfg: functools.partial(reward_model.rm_loss, center_rewards_coef=cfg.rm.center_rewards_coef),
         after_training=_rm_after_training,
         scoring=lambda cfg, r: reward_model.scoring_settings(
@@ -340,7 +340,8 @@ def run(cfg, workdir) -> dict:
     summary.update({"stage": cfg.stage, "steps": r.num_steps, "trainable_params": n_params,
                     "train_examples": len(r.train_data),
                     "eval_examples": 0 if r.eval_data is None else len(r.eval_data),
-                    "skipped_rows": dict(getattr(r.train_data.report, "skipped", {}) or {})})
+                    "skipped_rows": dict(getattr(r.train_data.report, "skipped", {}) or {}),
+                    "dropped_pairs": dict(getattr(r.train_data.report, "dropped_pairs", {}) or {})})
     if r.rt.is_main:
         write_json_atomic(r.rt.workdir / "summary.json", summary)
     return summary
