@@ -57,7 +57,8 @@ def get_config(arg=None):
         d.max_prompt_length = 64  # tokens the policy sees, cut from the left
         c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0))
         e.num_prompts = 0  # 0 = every prompt of data.path (a task's prompts: 256)
-        e.num_samples = 1  # responses per prompt
+        if arg.kind != "best_of_n":  # best-of-n draws max(eval.ns) per prompt
+            e.num_samples = 1  # responses per prompt
         e.rm_path = ""  # the RM judge (best_of_n, overoptimisation: the proxy that picks / was optimised)
         e.rm_max_length = 256  # tokens the RM reads (prompt cut from the left)
         e.gold = ""  # '' | a task name | an RM directory or .gguf | 'package.module:function'

@@ -91,6 +91,8 @@ def plot(points: list[dict], out: Path, title: str) -> Path:
         axes[0].plot(ns, ys, "o-", label=label)
         axes[1].plot([p["sqrt_kl"] for p in points], ys, "o-", label=label)
     axes[0].set_xscale("log", base=2)
+    axes[0].set_xticks(ns, [str(n) for n in ns])
+    axes[0].minorticks_off()
     axes[0].set_xlabel("n")
     axes[1].set_xlabel("√KL (nats^½), analytic")
     for ax in axes:

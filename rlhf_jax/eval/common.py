@@ -327,7 +327,7 @@ def fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, (int, np.integer)):
         return str(int(x))
     if isinstance(x, (float, np.floating)):
-        return "nan" if not math.isfinite(float(x)) else f"{float(x):.{digits}f}"
+        return "nan" if not math.isfinite(float(x)) else f"{round(float(x), digits) + 0.0:.{digits}f}"  # no -0.000
     return str(x)
 
 

@@ -63,6 +63,7 @@ def _check(cfg) -> tuple[tuple[int, ...], float]:
                  cfg.eval.length_buckets, "must be increasing positive token counts, e.g. (32, 64, 128)")
     tol = float(cfg.eval.tie_tolerance)
     common.check(tol >= 0, "eval.tie_tolerance", tol, "must be >= 0 (0: only equal scores tie)")
+    common.wilson(0, 0, float(cfg.eval.confidence))  # checks eval.confidence
     common.check(bool(cfg.data.path), "data.path", cfg.data.path, "set it to a preference file (any format the "
                  "RM stage reads: explicit, implicit, ranked, alpaca_ranked)")
     common.positive_int(cfg, "data.max_length", 2)
