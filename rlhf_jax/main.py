@@ -1,5 +1,6 @@
 """Command line: `python -m rlhf_jax.main --config FILE.py[:arg] --workdir DIR`, FILE.py a stage
-config (configs/pretrain.py, sft.py, rm.py, dpo.py, ppo.py) or an experiment (experiments/quickstart.py: the main job).
+config (configs/pretrain.py, sft.py, rm.py, dpo.py, ppo.py), an evaluation (configs/eval.py:KIND)
+or an experiment (experiments/quickstart.py: the main job).
 
 Any config field can be overridden (`--config.optimizer.lr=1e-5`). Re-running with the same
 workdir and config resumes from the latest checkpoint, or does nothing if that run finished; with
@@ -16,6 +17,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from rlhf_jax.eval import run as run_eval
 from rlhf_jax.pipeline import run_algorithms, run_rlhf
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.train import workdir as workdir_lib
@@ -35,7 +37,7 @@ USER_ERRORS = (ValueError, TypeError, KeyError, AttributeError, FileNotFoundErro
                TimeoutError)
 
 RUNNERS = {"pretrain": run_stage, "sft": run_stage, "rm": run_stage, "dpo": run_stage, "ppo": run_ppo, "rlhf": run_rlhf,
-           "algorithms": run_algorithms}
+           "algorithms": run_algorithms, "eval": run_eval}
 _PRINTED = ("eval/", "train/loss", "rm/", "ppo/score", "ppo/kl")
 
 
@@ -53,8 +55,8 @@ def main(argv):
         return
     summary = RUNNERS[cfg.stage](cfg, workdir)
     workdir_lib.finish(workdir)
-    if cfg.stage in ("rlhf", "algorithms"):
-        return  # the pipeline prints its own table
+    if cfg.stage in ("rlhf", "algorithms", "eval"):
+        return  # the pipeline and the evaluations print their own tables
     for k in sorted(k for k in summary if k.startswith(_PRINTED)):
         print(f"{k:32s} {summary[k]}")
 

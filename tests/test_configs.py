@@ -18,11 +18,12 @@ VARIANTS = {"configs/sft.py": ["smollm2", "variant=tiny"], "configs/rm.py": ["sm
             "configs/grpo.py": ["k=4,scale_by_std=false"],
             "experiments/quickstart.py": ["rounds=2", "2", "algorithm=rloo", "algorithm=grpo,rounds=2",
                                           "algorithm=best_of_n"],
-            "experiments/algorithms.py": ["algorithms=ppo+best_of_n,rounds=2"]}
+            "experiments/algorithms.py": ["algorithms=ppo+best_of_n,rounds=2"],
+            "configs/eval.py": ["win_rate", "policy_stats", "best_of_n", "mc", "kind=overoptimisation"]}
 STAGES = {"configs/common.py": "sft", "configs/sft.py": "sft", "configs/rm.py": "rm", "configs/dpo.py": "dpo",
           "configs/ppo.py": "ppo", "configs/rloo.py": "ppo", "configs/grpo.py": "ppo", "configs/pretrain.py": "pretrain",
           "experiments/quickstart.py": "rlhf", "experiments/algorithms.py": "algorithms", "experiments/sft_smollm2.py": "sft",
-          "experiments/rm_hh_smollm2.py": "rm"}
+          "experiments/rm_hh_smollm2.py": "rm", "configs/eval.py": "eval"}
 
 
 def _name(path):
