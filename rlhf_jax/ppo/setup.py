@@ -72,15 +72,27 @@ def _reward_model(cfg, rt: Runtime, models: Models) -> None:
 
 
 def _critic(cfg, rt: Runtime, models: Models) -> None:
-    """A separate critic: the RM's trunk with a value head that starts as its score head (TRL)."""
+    """A separate critic: the RM's trunk with a value head that starts as its score head (TRL),
+    on the reward's scale: the scores in the reward are rm_weight · (gain · raw + bias), so the
+    head is `_score_head`, not the raw one; a raw head would start off by the normalisation and
+    take |offset| / cliprange_value iterations to catch up, biasing advantages meanwhile."""
     if models.rm_params is None:
         raise ValueError("ppo.critic='separate' is initialised from the RM: set reward.rm_path")
     critic, _ = load_model(cfg.reward.rm_path, heads=("value",), mesh=rt.mesh, rules=rt.rules)
     critic_def, critic_train, critic_rest = ModelDef.split(critic, ".*")
-    critic_train["value_head.kernel"] = _copy(models.rm_params["reward_head.kernel"])
-    critic_train["value_head.bias"] = _copy(models.rm_params["reward_head.bias"])
+    for name, value in zip(("value_head.kernel", "value_head.bias"),
+                           _score_head(models.rm_params, float(cfg.reward.rm_weight))):
+        critic_train[name] = jax.device_put(value.astype(critic_train[name].dtype), critic_train[name].sharding)
     models.defs["critic"] = critic_def
     models.params["critic"], models.frozen["critic"] = critic_train, critic_rest
+
+
+def _score_head(rm_params: dict, rm_weight: float) -> tuple[jax.Array, jax.Array]:
+    """The RM's reward head with its normalisation and `rm_weight` folded in: (kernel [D, 1],
+    bias [1]) in float32 of a linear head whose output is rm_weight · (gain · raw + bias)."""
+    kernel, bias = (rm_params[f"reward_head.{n}"].astype(jnp.float32) for n in ("kernel", "bias"))
+    gain, shift = rm_weight * rm_params["reward_gain"], rm_weight * rm_params["reward_bias"]
+    return gain * kernel, gain * bias + shift
 
 
 def load_models(cfg, rt: Runtime, hp: PPOHyperparams) -> Models:
