@@ -70,7 +70,7 @@ def get_config(arg=None):
     ))
     c.optimizer.lr = 1e-5
     c.optimizer.eps = 1e-5
-    c.optimizer.max_grad_norm = 1.0
+    c.optimizer.max_grad_norm = 0.0  # no clipping, as lm-human-preferences, its reproductions and TRL's PPO
     c.optimizer.decay = "linear"
     c.train.checkpoint_every = 10
     return c

@@ -1,15 +1,17 @@
-"""Setting up the policy-gradient stage (PPO, RLOO, GRPO): the critic starts on the reward's scale."""
+"""Setting up the policy-gradient stage (PPO, RLOO, GRPO): the critic starts on the reward's
+scale, gradient clipping follows the references and the docs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import reward_model, sharding
+from rlhf_jax import optim, reward_model, sharding
+from rlhf_jax.config_lib import load_config
 from rlhf_jax.models import gather_last, load_model, save_pretrained
 from rlhf_jax.ppo.setup import hyperparams, load_models
 from rlhf_jax.train.runtime import Runtime
-from test_ppo import prompts, tiny_ppo_config  # noqa: F401  (prompts is a fixture)
+from test_ppo import ROOT, prompts, tiny_ppo_config  # noqa: F401  (prompts is a fixture)
 
 TINY = dict(model_type="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
             max_position_embeddings=64)
@@ -54,3 +56,44 @@ def test_critic_starts_on_the_scale_of_the_rewards_scores(prompts, rm_dir, tmp_p
     else:
         # OpenAI's value head on the policy trunk starts at 0: the normalised score's mean.
         np.testing.assert_array_equal(values, 0.0)
+
+
+def _adam_updates(opt, grads, clip):
+    """Two AdamW updates (no decay, no weight decay) computed by hand, grads clipped to `clip`."""
+    m = v = 0.0
+    out = []
+    for t, g in enumerate(grads, 1):
+        if clip:
+            g = g * min(1.0, clip / np.linalg.norm(g))
+        m, v = opt.b1 * m + (1 - opt.b1) * g, opt.b2 * v + (1 - opt.b2) * g * g
+        m_hat, v_hat = m / (1 - opt.b1 ** t), v / (1 - opt.b2 ** t)
+        out.append(-opt.lr * m_hat / (np.sqrt(v_hat) + opt.eps))
+    return out
+
+
+@pytest.mark.parametrize("algorithm, clips", [("ppo", False), ("rloo", False), ("grpo", True)])
+def test_gradient_clipping_follows_the_references_and_the_docs(algorithm, clips):
+    cfg = load_config(ROOT / "configs" / f"{algorithm}.py")
+    norm = cfg.optimizer.max_grad_norm
+    assert (norm > 0) == clips
+    row = next(line for line in (ROOT / "docs" / "PPO.md").read_text().splitlines()
+               if line.startswith("| no gradient clipping"))
+    names = {"ppo": "`optimizer.max_grad_norm={:g}` in `configs/ppo.py`", "rloo": "(and `rloo.py`, which loads it)",
+             "grpo": "`configs/grpo.py` sets `optimizer.max_grad_norm={:g}`"}
+    assert names[algorithm].format(norm) in row
+
+    # The optimiser built from the config: a huge first gradient then a unit one. Clipped, both
+    # steps are unit steps of Adam; unclipped, the first one's moments shrink the second.
+    opt = cfg.optimizer.copy_and_resolve_references()
+    opt.update(dict(decay="constant", warmup_steps=0, weight_decay=0.0))
+    tx, _ = optim.make_optimizer(opt, total_steps=10)
+    e = np.array([0.6, -0.8], np.float32)
+    params = {"w": jnp.zeros(2)}
+    state, got = tx.init(params), []
+    for g in (1000.0 * e, e):
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        got.append(np.asarray(updates["w"]))
+    expected = _adam_updates(opt, [1000.0 * e, e], norm)
+    other = _adam_updates(opt, [1000.0 * e, e], 0.0 if clips else 1.0)
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-4)
+    assert np.abs(got[1] - other[1]).max() > 0.1 * np.abs(other[1]).max()
