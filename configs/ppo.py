@@ -35,6 +35,7 @@ def get_config(arg=None):
         functions=(),  # 'package.module:function' reward functions on decoded text
         function_weights=(),
     ))
+    # top_k / top_p must stay off: log-probs and KL are under the full softmax(logits / T).
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0,
                                                 extra_stop_token_ids=()))
     c.ppo = ml_collections.ConfigDict(dict(

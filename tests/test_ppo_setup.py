@@ -1,5 +1,5 @@
 """Setting up the policy-gradient stage (PPO, RLOO, GRPO): the critic starts on the reward's
-scale, gradient clipping follows the references and the docs."""
+scale, truncated sampling is refused, gradient clipping follows the references and the docs."""
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +56,16 @@ def test_critic_starts_on_the_scale_of_the_rewards_scores(prompts, rm_dir, tmp_p
     else:
         # OpenAI's value head on the policy trunk starts at 0: the normalised score's mean.
         np.testing.assert_array_equal(values, 0.0)
+
+
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo"])
+@pytest.mark.parametrize("field, value", [("top_k", 50), ("top_p", 0.9)])
+def test_truncated_sampling_is_refused(algorithm, field, value):
+    cfg = load_config(ROOT / "configs" / f"{algorithm}.py")
+    hyperparams(cfg)  # the defaults sample untruncated
+    cfg.sampling[field] = value
+    with pytest.raises(ValueError, match=rf"^sampling\.{field}={value}: .* log-probs and KL .*set sampling\.{field}="):
+        hyperparams(cfg)
 
 
 def _adam_updates(opt, grads, clip):

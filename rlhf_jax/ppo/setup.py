@@ -22,7 +22,20 @@ from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.runtime import Runtime
 
 
+def _check_untruncated(sampling) -> None:
+    """Refuses top-k / top-p: the stage's log-probs, ratios and KL are all under the full
+    softmax(logits / T), so rollouts must be drawn from it. (Recomputing them under the
+    truncated distribution is ill-posed: a token the sampler kept at the cut can fall outside
+    the set the training forward pass keeps, a log-prob of -inf and an infinite KL.)"""
+    why = "PPO / RLOO / GRPO sample from the full softmax(logits / T) that their log-probs and KL use"
+    if int(sampling.top_k) != 0:
+        raise ValueError(f"sampling.top_k={sampling.top_k}: {why}; set sampling.top_k=0")
+    if float(sampling.top_p) != 1.0:
+        raise ValueError(f"sampling.top_p={sampling.top_p}: {why}; set sampling.top_p=1.0")
+
+
 def hyperparams(cfg) -> PPOHyperparams:
+    _check_untruncated(cfg.sampling)
     p = cfg.ppo
     return PPOHyperparams(
         temperature=float(cfg.sampling.temperature), ppo_epochs=int(p.ppo_epochs),
@@ -162,8 +175,7 @@ def _compile(s: PPOSetup, tx) -> None:
     m, rt, hp = s.models, s.rt, s.hp
     sampling = SamplingConfig.for_tokenizer(
         m.tokenizer, max_new_tokens=s.cfg.sampling.max_new_tokens, temperature=s.cfg.sampling.temperature,
-        top_k=s.cfg.sampling.top_k, top_p=s.cfg.sampling.top_p,
-        extra_stop_token_ids=s.cfg.sampling.extra_stop_token_ids)
+        extra_stop_token_ids=s.cfg.sampling.extra_stop_token_ids)  # untruncated: `_check_untruncated`
     s.generate = make_generate(m.defs["policy"], rt.mesh, sampling, rules=rt.rules)
     state_sh = jax.tree.map(lambda x: x.sharding, s.state)
     b2, b1 = rt.batch_sharding(2), rt.batch_sharding(1)
