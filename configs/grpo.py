@@ -24,4 +24,5 @@ def get_config(arg=None):
     c.ppo.kl_in_reward = False  # beta * k3 KL loss term
     c.ppo.init_beta = 0.04  # DeepSeekMath's beta
     c.ppo.kl_target = 0.0  # fixed beta
+    c.optimizer.max_grad_norm = 1.0  # TRL's GRPOTrainer clips (transformers' Trainer default); PPO does not
     return c

@@ -35,6 +35,7 @@ def get_config(arg=None):
         functions=(),  # 'package.module:function' reward functions on decoded text
         function_weights=(),
     ))
+    # top_k / top_p must stay off: log-probs and KL are under the full softmax(logits / T).
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=32, temperature=0.7, top_k=0, top_p=1.0,
                                                 extra_stop_token_ids=()))
     c.ppo = ml_collections.ConfigDict(dict(
@@ -70,7 +71,7 @@ def get_config(arg=None):
     ))
     c.optimizer.lr = 1e-5
     c.optimizer.eps = 1e-5
-    c.optimizer.max_grad_norm = 1.0
+    c.optimizer.max_grad_norm = 0.0  # no clipping, as lm-human-preferences, its reproductions and TRL's PPO
     c.optimizer.decay = "linear"
     c.train.checkpoint_every = 10
     return c

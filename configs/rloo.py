@@ -22,4 +22,5 @@ def get_config(arg=None):
     c.ppo.kl_in_reward = True  # -beta * KL per token in the return, as TRL's RLOO
     c.ppo.init_beta = 0.05  # TRL's RLOOConfig.kl_coef
     c.ppo.kl_target = 0.0  # fixed beta
+    # optimizer.max_grad_norm = 0 from ppo.py: TRL's on-policy RLOOTrainer does not clip either.
     return c

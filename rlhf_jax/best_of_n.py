@@ -4,6 +4,10 @@ highest. No training: the baseline that RL policies are compared with at equal K
 Its KL to the sampling policy is reported two ways: the analytic log n − (n − 1)/n
 (`advantages.best_of_n_kl`, exact for continuous scores, an upper bound otherwise) and a
 plug-in estimate from the drawn scores (`plugin_kl`), which sees ties (Beirami et al. 2024).
+Both are KL to the distribution sampled from: with `top_k` / `top_p` that is the truncated
+policy, and the KL to the policy itself is larger by the kept samples' mean Σ_t −log(mass
+the truncation kept at token t), so compare with an RL policy's KL to its reference only when
+sampling untruncated, as the pipeline does.
 """
 
 from __future__ import annotations

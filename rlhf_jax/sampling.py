@@ -8,8 +8,9 @@ their outputs after the stop are pad, log-prob 0, mask 0.
 
 `Samples.logprobs` are log softmax(logits / T) *before* top-k/top-p truncation: the quantity
 PPO recomputes from a full forward pass, so the first PPO ratio is exactly 1 (T = 0 scores
-with T = 1). Every call needs a fresh key (`rollout_key(base, step)`); decode step t uses
-`fold_in(key, t)`, with partitionable threefry, so sharding does not change the tokens.
+with T = 1). Every call needs a fresh key (`rollout_key(base, step)`, or a stream of its own
+from `rlhf_jax.rng`); decode step t uses `token_key(key, t)`, with partitionable threefry, so
+sharding does not change the tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.models.transformer import KVCache, last_index
 from rlhf_jax.models.modeldef import ModelDef
+from rlhf_jax.rng import stream_key
 
 Params = Mapping[str, jax.Array]
 
@@ -104,14 +106,18 @@ class Samples:
 
 
 def rollout_key(base_key: jax.Array | int, step: int | jax.Array) -> jax.Array:
-    """The key for the rollout of training step `step`: fold_in(base_key, step).
+    """The key of sampler call `step` (batch j of `generate_texts`, `collect_comparisons`,
+    best-of-n): the "sample" stream of `base_key` (`rlhf_jax.rng`).
 
-    Pass a different `step` on every call of `generate` (a run's step counter); the same
-    (base_key, step) reproduces the same samples.
+    Pass a different `step` on every call of `generate`; the same (base_key, step) reproduces
+    the same samples. Training stages sample from streams of their own.
     """
-    if isinstance(base_key, int):
-        base_key = jax.random.key(base_key)
-    return jax.random.fold_in(base_key, step)
+    return stream_key(base_key, "sample", step)
+
+
+def token_key(key: jax.Array, t: int | jax.Array) -> jax.Array:
+    """The key that draws token t of a `generate` call with `key`."""
+    return jax.random.fold_in(key, t)
 
 
 def filter_logits(logits_BV: jax.Array, config: SamplingConfig) -> jax.Array:
@@ -215,7 +221,7 @@ def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_
     cache = constrain(KVCache.create(cfg, b, p + n - 1))
     h_BPD, cache = model.hidden(ids_BP, mask_BP, cache=cache)
     h_B1D = jnp.take_along_axis(h_BPD, last_index(mask_BP)[:, None, None], axis=1)
-    tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], jax.random.fold_in(key, 0), config)
+    tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], token_key(key, 0), config)
 
     stopped_B = is_stop(tok_B)
     tokens_BN = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok_B)
@@ -234,7 +240,7 @@ def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_
         # and its positions do not advance. (The stop token itself is fed unmasked; harmless.)
         prev_mask_B1 = jax.lax.dynamic_slice_in_dim(gen_mask_BN, t - 1, 1, axis=1)
         h_B1D, cache = model.hidden(prev_B1, prev_mask_B1, cache=cache)
-        tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], jax.random.fold_in(key, t), config)
+        tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], token_key(key, t), config)
         live_B = ~stopped_B
         tok_B = jnp.where(live_B, tok_B, pad)
         logp_B = jnp.where(live_B, logp_B, 0.0)

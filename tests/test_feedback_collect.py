@@ -160,6 +160,8 @@ def test_rm_labeler_ranks_by_rm_score(collected, rm_labeler, rm_pair):
     comparisons.append(("say red 1:", [" red red", " mud mud", " blue", " ash"]))
     checked = 0
     for (prompt, responses), ranking in zip(comparisons, labeler.label_many(comparisons)):
+        if any(len((prompt + r).encode()) + 2 > 32 for r in responses):
+            continue  # the labeler truncates to max_length 32; _direct_scores does not
         direct = _direct_scores(rm_pair, prompt, responses)
         np.testing.assert_allclose(labeler.scores([(prompt, r) for r in responses]), direct, atol=1e-4)
         assert sorted(ranking) == list(range(len(responses)))

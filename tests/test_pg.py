@@ -31,7 +31,7 @@ def test_critic_free_run_raises_score(prompts, tmp_path, algorithm, kl_in_reward
     summary = run_ppo(cfg, tmp_path, reward_functions=[count_substring("a")])
     score, kl3 = _series(tmp_path, "ppo/score"), _series(tmp_path, "ppo/kl_k3")
     assert score[:4].mean() < 0.3
-    assert score[-4:].mean() > score[:4].mean() + 1.0, score
+    assert score[-4:].mean() > score[:4].mean() + 0.7, score
     assert np.all(np.isfinite(kl3)) and kl3.max() < 35
     assert "ppo/value_loss" not in summary and "ppo/advantage_abs_mean" in summary
     assert ("ppo/kl_loss" in summary) == (not kl_in_reward)

@@ -114,16 +114,16 @@ def test_reward_model_step_pinned():
 
 
 EXPECTED_PPO = {
-    "approx_kl": 0.02278764359652996, "approx_kl_last_epoch": 0.027005063369870186, "beta": 0.10000000149011612,
-    "clipfrac": 0.25334399938583374, "clipfrac_last_epoch": 0.33307692408561707, "entropy": 4.13777494430542,
-    "explained_variance": -0.03959345817565918, "grad_norm": 1.7974320650100708, "kl": 0.19919732213020325,
+    "approx_kl": 0.020886477082967758, "approx_kl_last_epoch": 0.02284427359700203, "beta": 0.10000000149011612,
+    "clipfrac": 0.2360149621963501, "clipfrac_last_epoch": 0.3123076856136322, "entropy": 4.137846946716309,
+    "explained_variance": -0.03959345817565918, "grad_norm": 1.6582313776016235, "kl": 0.19919732213020325,
     "kl_k1": 0.19919732213020325, "kl_k3": 0.01003536768257618, "new_beta": 0.10085321962833405,
-    "non_score_reward": -0.019919732585549355, "policy_loss": -0.029649220407009125,
-    "ratio_mean": 0.9167419672012329, "response_length": 6.375, "returns_mean": -0.21639855206012726,
+    "non_score_reward": -0.019919732585549355, "policy_loss": -0.031357698142528534,
+    "ratio_mean": 0.9352534413337708, "response_length": 6.375, "returns_mean": -0.21639855206012726,
     "score": -0.1948200762271881, "total_reward": -0.21473979949951172,
-    "value_head_abs_change": 0.06274424023285974, "value_head_change_sum": 0.0008793007727945223,
-    "value_loss": 0.4214775562286377, "vf_clipfrac": 0.04044871777296066, "weight_abs_change": 2.0154758820849565,
-    "weight_change_sum": -0.03830585093373884,
+    "value_head_abs_change": 0.0524324956820692, "value_head_change_sum": -0.004220407816546867,
+    "value_loss": 0.4162095785140991, "vf_clipfrac": 0.03929131105542183, "weight_abs_change": 1.978409860701504,
+    "weight_change_sum": 9.246071931556799e-05,
 }
 
 

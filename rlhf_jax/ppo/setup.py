@@ -22,7 +22,20 @@ from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.runtime import Runtime
 
 
+def _check_untruncated(sampling) -> None:
+    """Refuses top-k / top-p: the stage's log-probs, ratios and KL are all under the full
+    softmax(logits / T), so rollouts must be drawn from it. (Recomputing them under the
+    truncated distribution is ill-posed: a token the sampler kept at the cut can fall outside
+    the set the training forward pass keeps, a log-prob of -inf and an infinite KL.)"""
+    why = "PPO / RLOO / GRPO sample from the full softmax(logits / T) that their log-probs and KL use"
+    if int(sampling.top_k) != 0:
+        raise ValueError(f"sampling.top_k={sampling.top_k}: {why}; set sampling.top_k=0")
+    if float(sampling.top_p) != 1.0:
+        raise ValueError(f"sampling.top_p={sampling.top_p}: {why}; set sampling.top_p=1.0")
+
+
 def hyperparams(cfg) -> PPOHyperparams:
+    _check_untruncated(cfg.sampling)
     p = cfg.ppo
     return PPOHyperparams(
         temperature=float(cfg.sampling.temperature), ppo_epochs=int(p.ppo_epochs),
@@ -73,15 +86,27 @@ def _reward_model(cfg, rt: Runtime, models: Models) -> None:
 
 
 def _critic(cfg, rt: Runtime, models: Models) -> None:
-    """A separate critic: the RM's trunk with a value head that starts as its score head (TRL)."""
+    """A separate critic: the RM's trunk with a value head that starts as its score head (TRL),
+    on the reward's scale: the scores in the reward are rm_weight · (gain · raw + bias), so the
+    head is `_score_head`, not the raw one; a raw head would start off by the normalisation and
+    take |offset| / cliprange_value iterations to catch up, biasing advantages meanwhile."""
     if models.rm_params is None:
         raise ValueError("ppo.critic='separate' is initialised from the RM: set reward.rm_path")
     critic, _ = load_model(cfg.reward.rm_path, heads=("value",), mesh=rt.mesh, rules=rt.rules)
     critic_def, critic_train, critic_rest = ModelDef.split(critic, ".*")
-    critic_train["value_head.kernel"] = _copy(models.rm_params["reward_head.kernel"])
-    critic_train["value_head.bias"] = _copy(models.rm_params["reward_head.bias"])
+    for name, value in zip(("value_head.kernel", "value_head.bias"),
+                           _score_head(models.rm_params, float(cfg.reward.rm_weight))):
+        critic_train[name] = jax.device_put(value.astype(critic_train[name].dtype), critic_train[name].sharding)
     models.defs["critic"] = critic_def
     models.params["critic"], models.frozen["critic"] = critic_train, critic_rest
+
+
+def _score_head(rm_params: dict, rm_weight: float) -> tuple[jax.Array, jax.Array]:
+    """The RM's reward head with its normalisation and `rm_weight` folded in: (kernel [D, 1],
+    bias [1]) in float32 of a linear head whose output is rm_weight · (gain · raw + bias)."""
+    kernel, bias = (rm_params[f"reward_head.{n}"].astype(jnp.float32) for n in ("kernel", "bias"))
+    gain, shift = rm_weight * rm_params["reward_gain"], rm_weight * rm_params["reward_bias"]
+    return gain * kernel, gain * bias + shift
 
 
 def load_models(cfg, rt: Runtime, hp: PPOHyperparams) -> Models:
@@ -151,8 +176,7 @@ def _compile(s: PPOSetup, tx) -> None:
     m, rt, hp = s.models, s.rt, s.hp
     sampling = SamplingConfig.for_tokenizer(
         m.tokenizer, max_new_tokens=s.cfg.sampling.max_new_tokens, temperature=s.cfg.sampling.temperature,
-        top_k=s.cfg.sampling.top_k, top_p=s.cfg.sampling.top_p,
-        extra_stop_token_ids=s.cfg.sampling.extra_stop_token_ids)
+        extra_stop_token_ids=s.cfg.sampling.extra_stop_token_ids)  # untruncated: `_check_untruncated`
     s.generate = make_generate(m.defs["policy"], rt.mesh, sampling, rules=rt.rules)
     state_sh = jax.tree.map(lambda x: x.sharding, s.state)
     b2, b1 = rt.batch_sharding(2), rt.batch_sharding(1)

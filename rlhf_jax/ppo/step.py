@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rlhf_jax import reward_model
+from rlhf_jax import reward_model, rng
 from rlhf_jax.models import ModelDef, Transformer
 from rlhf_jax.ppo import advantages as advantages_lib, core
 from rlhf_jax.sft import sft_loss, token_logprobs
@@ -80,7 +80,7 @@ class PPOState:
     frozen: dict  # {"policy": {...}, "critic": {...}} the rest of each model
     opt_state: optax.OptState
     beta: jax.Array  # float32 [] KL coefficient
-    key: jax.Array  # PRNG key; folded with the step for every random draw
+    key: jax.Array  # PRNG key data; every draw comes from a stream of it (ppo_rollout_key, ppo_shuffle_keys)
 
 
 @flax.struct.dataclass
@@ -95,6 +95,17 @@ class Rollout:
     ref_logprobs: jax.Array  # float32 [B, R]
     values: jax.Array  # float32 [B, R]
     scores: jax.Array  # float32 [B] environment score (RM + reward functions + penalty)
+
+
+def ppo_rollout_key(key: jax.Array, step: int | jax.Array) -> jax.Array:
+    """The sampling key of PPO iteration `step` (`key`: the state's key, typed or raw)."""
+    return rng.stream_key(key, "ppo_rollout", step)
+
+
+def ppo_shuffle_keys(key: jax.Array, step: int | jax.Array, num_epochs: int) -> jax.Array:
+    """The minibatch-shuffle keys of PPO iteration `step`, one per epoch [E]: a stream apart
+    from the rollout's, so no permutation reuses the sampler's bits."""
+    return jax.random.split(rng.stream_key(key, "ppo_shuffle", step), num_epochs)
 
 
 def _full(query_ids, query_mask, response_ids, response_mask):
@@ -231,8 +242,8 @@ def ppo_update(defs: dict, hp: PPOHyperparams, tx: optax.GradientTransformation,
         stats["grad_norm"] = optax.global_norm(grads)
         return (optax.apply_updates(params, updates), opt_state), stats
 
-    # A fresh shuffle for every epoch, from a key folded with the iteration number.
-    epoch_keys = jax.random.split(jax.random.fold_in(state.key, state.step), hp.ppo_epochs)
+    # A fresh shuffle for every epoch and iteration.
+    epoch_keys = ppo_shuffle_keys(state.key, state.step, hp.ppo_epochs)
     perms = jax.vmap(lambda k: jax.random.permutation(k, b))(epoch_keys).reshape(hp.ppo_epochs * m, b // m)
     (params, opt_state), stats = jax.lax.scan(minibatch, (state.params, state.opt_state), (perms, ptx_batch))
 

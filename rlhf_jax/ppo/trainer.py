@@ -19,12 +19,10 @@ from rlhf_jax import reward_functions as reward_functions_lib
 from rlhf_jax.models import count, save_pretrained, to_host
 from rlhf_jax.ppo import core
 from rlhf_jax.ppo.setup import PPOSetup, build
-from rlhf_jax.ppo.step import Rollout
+from rlhf_jax.ppo.step import Rollout, ppo_rollout_key
 from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
 from rlhf_jax.train.logging import MetricWriter, read_metrics, write_json_atomic
-
-_ROLLOUT_STREAM = 1  # key streams: rollouts fold (stream, step); the update folds the step alone
 
 
 def _texts(s: PPOSetup, index, samples) -> tuple[list[str], list[str]]:
@@ -38,7 +36,7 @@ def _texts(s: PPOSetup, index, samples) -> tuple[list[str], list[str]]:
 def rollout(s: PPOSetup, batch: dict, it: int, want_text: bool):
     """Samples and scores one batch of prompts: (Rollout, extra metrics, texts or None)."""
     qi, qm, index = s.rt.to_global([batch["input_ids"], batch["attention_mask"], batch["index"]])
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(s.state.key), _ROLLOUT_STREAM), it)
+    key = ppo_rollout_key(jax.random.wrap_key_data(s.state.key), it)
     samples = s.generate({**s.state.params["policy"], **s.state.frozen["policy"]}, qi, qm, key)
     logp, ref_logp, values, rm_scores = s.score(s.state, qi, qm, samples.tokens, samples.mask)
     texts = _texts(s, index, samples) if want_text or s.reward_fns or s.models.rm_text else None
