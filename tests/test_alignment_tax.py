@@ -139,17 +139,22 @@ def test_ptx_on_pretraining_text_needs_a_pretrain_stage(tmp_path):
         run_rlhf(cfg, tmp_path)
 
 
-@pytest.mark.slow  # ~3 minutes on 2 busy cores: two rounds of RLOO, then a restart
-def test_two_round_rloo_recipe_runs_ptx_in_the_last_round_and_resumes(tmp_path, capsys):
+@pytest.mark.slow  # ~4 minutes on 2 busy cores: two rounds of RLOO, then a restart
+def test_two_round_rloo_recipe_with_ptx_on_demonstrations_in_the_last_round_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"
     cfg = _recipe(tmp_path, "algorithm=rloo")
     cfg.rounds = 2
     cfg.ppo.ppo.batch_size = 8  # 2 prompts × k = 4
+    cfg.ptx.format = "sft"  # a fresh draw of the task's demonstrations
     summary = run_rlhf(cfg, run)
     assert list(summary["alignment_tax"]) == ["pretrain", "SFT", "RLOO", "RLOO-ptx"]
     ptx = json.loads((run / "round_2" / "rloo_ptx" / "config.json").read_text())
     assert ptx["model"]["path"] == str(run / "round_1" / "rloo" / "model")  # the last round's start
     assert ptx["ppo"]["advantage"] == "rloo" and ptx["ppo"]["ptx_coef"] == 1.0
+    assert (ptx["ppo"]["ptx_format"], ptx["ppo"]["ptx_data"]) == ("sft", str(run / "data" / "ptx_demonstrations.jsonl"))
+    fresh = (run / "data" / "ptx_demonstrations.jsonl").read_text().splitlines()
+    assert len(fresh) == 64 and fresh != (run / "data" / "demonstrations.jsonl").read_text().splitlines()
+    assert all(np.isfinite(r["ppo/ptx_loss"]) for r in read_metrics(run / "round_2" / "rloo_ptx"))
     assert not (run / "round_1" / "rloo_ptx").exists()
     capsys.readouterr()
     again = run_rlhf(cfg, run)
