@@ -327,8 +327,9 @@ def _report(summary: dict, plot) -> None:
     if "gold_score_ptx" in summary:
         table.append((f"{alg.upper()}-ptx", f"{summary['gold_score_ptx']:+.3f}", acc, _kl(summary["kl_to_sft_ptx"])))
     print()
+    width = max(len(row[0]) for row in table)
     for row in table:
-        print(f"| {row[0]:<6} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
+        print(f"| {row[0]:<{width}} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
     if summary["alignment_tax"]:
         print("\nalignment tax (held-out per-token loss, nats):\n" + tax_table(summary["alignment_tax"],
                                                                              summary["gold_scores"]))

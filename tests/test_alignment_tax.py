@@ -93,9 +93,11 @@ def _recipe(tmp_path, arg=""):
     return cfg
 
 
-def test_recipe_pretrains_then_reports_the_tax_of_ppo_and_ppo_ptx(tmp_path):
+def test_recipe_pretrains_then_reports_the_tax_of_ppo_and_ppo_ptx(tmp_path, capsys):
     run = tmp_path / "run"
     summary = run_rlhf(_recipe(tmp_path), run)
+    out = capsys.readouterr().out
+    assert "| SFT     |" in out and "| PPO-ptx |" in out  # the gold table's rows, aligned
     tax = summary["alignment_tax"]
     assert list(tax) == ["pretrain", "SFT", "PPO", "PPO-ptx"]
     for row in tax.values():
