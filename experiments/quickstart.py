@@ -12,7 +12,9 @@ Variants: `experiments/quickstart.py:rounds=2`; `:algorithm=rloo` (or grpo, best
 policy step of every round (rlhf_jax/pipeline.py); experiments/algorithms.py runs them all;
 `:ptx=1.0` also runs the last round's PPO (RLOO, GRPO) again with PPO-ptx, the next-token loss on a
 fresh draw of the task's demonstrations mixed into every step with coefficient 1.0, and the
-alignment-tax table (held-out demonstration loss of SFT, PPO and PPO-ptx) compares the two.
+alignment-tax table (held-out demonstration loss of SFT, PPO and PPO-ptx) compares the two; it
+printed (seed 0, 267 s of pipeline) 0.576, 1.778 and 0.711 nats/token at gold scores +0.073,
++0.991 and +0.907 (PPO-ptx's KL to SFT 5.81 nats; SFT, RM and PPO are the ones below).
 
 What it printed (seed 0; 130 s of pipeline, about 2.5 minutes in all, on 2 CPU cores; measured on
 the current code, and bit-identical before and after the consolidation of the glue):
