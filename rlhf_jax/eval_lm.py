@@ -51,14 +51,22 @@ def _nll_program(model_def):
 def lm_loss(model_path: str | Path, batches: Iterable[dict]) -> dict:
     """{"loss": mean NLL per target token, "perplexity", "tokens"} of the model directory
     `model_path` (a stage's `model/`) on `batches` (sums and counts, so batches weigh by tokens)."""
+    return lm_losses(model_path, {"": batches})[""]
+
+
+def lm_losses(model_path: str | Path, sets: dict[str, Iterable[dict]]) -> dict[str, dict]:
+    """`lm_loss` of one model on each named set of batches, the model loaded once."""
     mesh = sharding_lib.make_mesh(devices=jax.devices()[:1])
     model_def, params, _ = load_frozen(dict(init="pretrained", path=str(model_path)), heads=("lm",), mesh=mesh)
     program = _nll_program(model_def)
     placed = NamedSharding(mesh, P())
-    total, n_tokens = 0.0, 0.0
-    for b in batches:
-        s, n = program(params, {k: jax.device_put(np.asarray(b[k]), placed) for k in _KEYS})
-        total, n_tokens = total + float(s), n_tokens + float(n)
-    if n_tokens == 0:
-        raise ValueError("lm_loss: the batches hold no target tokens")
-    return {"loss": total / n_tokens, "perplexity": math.exp(total / n_tokens), "tokens": int(n_tokens)}
+    out = {}
+    for name, batches in sets.items():
+        total, n_tokens = 0.0, 0.0
+        for b in batches:
+            s, n = program(params, {k: jax.device_put(np.asarray(b[k]), placed) for k in _KEYS})
+            total, n_tokens = total + float(s), n_tokens + float(n)
+        if n_tokens == 0:
+            raise ValueError(f"lm_loss: the batches{f' of {name}' if name else ''} hold no target tokens")
+        out[name] = {"loss": total / n_tokens, "perplexity": math.exp(total / n_tokens), "tokens": int(n_tokens)}
+    return out

@@ -1,4 +1,4 @@
-"""The whole RLHF loop: SFT → (collect comparisons → label → RM → policy step) × rounds → evaluation.
+"""The whole RLHF loop: [pretrain →] SFT → (comparisons → label → RM → policy step) × rounds → evaluation.
 
 `algorithm` picks the policy step of every round: "ppo", "rloo" or "grpo" (the policy-gradient
 stage, `ppo.advantage` gae / rloo / grpo, against the round's RM), "dpo" (online / iterative
@@ -7,14 +7,26 @@ model and the evaluation keeps the best of `best_of_n.n` samples by the last rou
 
     python -m rlhf_jax.main --config experiments/quickstart.py --workdir runs/quickstart
 
+With `cfg.pretrain` (a configs/pretrain.py config) a pretraining stage on raw text comes first
+and SFT starts from its model. With `ptx.coef` > 0 (ppo, rloo, grpo only) the last round's
+policy step is run a second time from the same starting policy against the same RM, with
+PPO-ptx: `ptx.coef` times the next-token loss on a fresh draw of the task's demonstrations
+(`ptx.format='sft'`) or on the pretraining corpus's training blocks ('pretrain') added to
+every step. Every model's per-token loss on held-out SFT demonstrations and, with a pretrain
+stage, on held-out pretraining text is the alignment tax (rlhf_jax/eval_lm.py).
+
 Layout of the workdir:
   data/            the task's demonstrations and prompts (built in: nothing is downloaded)
+  pretrain/        with `cfg.pretrain`: stage 0, SFT's starting model
   sft/             the SFT run (a stage workdir: metrics, checkpoints, model/)
   comparisons/     the comparison store of every round (rlhf_jax.feedback.ComparisonStore)
   round_N/         preferences.jsonl (all comparisons so far), rm/ and <algorithm>/ stage workdirs
+                   (the last round also <algorithm>_ptx/ with `ptx.coef` > 0)
   ppo_curves.png   the last policy-gradient run's curves
-  summary.json     gold score of the SFT policy and the algorithm's, RM accuracy, KL to SFT, seconds
-                   (also summary_<algorithm>.json: with one round, algorithms can share a workdir)
+  alignment_tax.md held-out LM loss and perplexity of every model, with its gold score
+  summary.json     gold score of the SFT policy and the algorithm's, RM accuracy, KL to SFT, seconds,
+                   `alignment_tax` {model: held-out losses} (also summary_<algorithm>.json: with one
+                   round, algorithms can share a workdir)
 
 Each stage resumes from its own checkpoints and a finished stage (it has summary.json) is
 skipped, so a killed pipeline restarted with the same workdir continues where it stopped.
@@ -30,12 +42,14 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 
+from rlhf_jax import eval_lm
 from rlhf_jax.best_of_n import best_of_n, rm_score_fn
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.fileio import atomic_write_text
 from rlhf_jax.feedback.collect import collect_comparisons, generate_texts
 from rlhf_jax.feedback.labelers import GoldLabeler, label_store
 from rlhf_jax.feedback.rm_labeler import RMLabeler
+from rlhf_jax.models import load_tokenizer_of
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.reward_model import RMScorer
 from rlhf_jax.tasks import get_task
@@ -171,11 +185,103 @@ def _policy_step(cfg, rd: Path, prefs: Path, policy: Path, sft_model: Path, prom
     if alg == "best_of_n":
         return {}, None, policy, 0.0  # sampling happens at evaluation, with this round's RM
     step_dir = rd / alg
-    fields = {"data.path": str(prompts_file), "model.init": "pretrained", "model.path": str(policy),
-              "reward.rm_path": str(rd / "rm" / "model"), "ppo.reference_path": str(sft_model),
-              "ppo.advantage": _ADVANTAGE[alg]}
-    summary, seconds = _timed_stage(_with(cfg.ppo, cfg, **fields), step_dir, run_ppo)
+    summary, seconds = _pg_step(cfg, step_dir, policy, sft_model, prompts_file)
     return summary, step_dir, step_dir / "model", seconds
+
+
+def _pg_step(cfg, step_dir: Path, policy: Path, sft_model: Path, prompts_file: Path, **fields):
+    """The policy-gradient stage (PPO / RLOO / GRPO) from `policy` against the RM of its round
+    (`step_dir`'s sibling rm/), the KL to the SFT model: (summary, seconds)."""
+    fields = {"data.path": str(prompts_file), "model.init": "pretrained", "model.path": str(policy),
+              "reward.rm_path": str(step_dir.parent / "rm" / "model"), "ppo.reference_path": str(sft_model),
+              "ppo.advantage": _ADVANTAGE[cfg.algorithm], **fields}
+    return _timed_stage(_with(cfg.ppo, cfg, **fields), step_dir, run_ppo)
+
+
+def _ptx_on(cfg) -> bool:
+    return cfg.get("ptx") is not None and float(cfg.ptx.coef) > 0
+
+
+def _has_pretrain(cfg) -> bool:
+    return cfg.get("pretrain") is not None
+
+
+def _check_ptx(cfg) -> None:
+    """PPO-ptx is a term of the policy-gradient step: refused, before any stage runs, where it
+    cannot apply."""
+    if not _ptx_on(cfg):
+        return
+    if cfg.algorithm not in _ADVANTAGE:
+        raise ValueError(f"ptx.coef={cfg.ptx.coef} mixes a next-token loss into the policy-gradient step, which "
+                         f"algorithm={cfg.algorithm!r} has not: use algorithm ppo, rloo or grpo, or ptx.coef=0")
+    if cfg.ptx.format not in ("sft", "pretrain"):
+        raise ValueError(f"ptx.format={cfg.ptx.format!r} is not one of 'sft' (the task's demonstrations), "
+                         "'pretrain' (the pretrain stage's text)")
+    if cfg.ptx.format == "pretrain":
+        if not _has_pretrain(cfg):
+            raise ValueError("ptx.format='pretrain' mixes the pretrain stage's text and needs cfg.pretrain (a "
+                             "configs/pretrain.py config, as in experiments/shakespeare_recipe.py)")
+        d = cfg.pretrain.data
+        if d.get("doc_separator") or d.get("text_field", "text") != "text":
+            raise ValueError("ptx.format='pretrain' reads pretrain.data.path as whole documents with a 'text' "
+                             "column: set pretrain.data.doc_separator='' and pretrain.data.text_field='text'")
+
+
+def _ptx_fields(cfg, workdir: Path) -> dict:
+    """PPO-ptx settings: the pretraining corpus (its held-out split kept out, as the pretrain
+    stage splits it) or a fresh draw of the task's demonstrations (not the SFT held-out ones)."""
+    p = cfg.ptx
+    if p.format == "pretrain":
+        d = cfg.pretrain.data
+        extra = {"ppo.ptx_data": d.path, "ppo.ptx_eval_fraction": 0.0 if d.get("eval_path") else d.eval_fraction,
+                 "data.split_seed": d.split_seed, "data.max_length": d.max_length}
+    else:
+        task = get_task(cfg.task)
+        path = _write_jsonl(workdir / "data" / "ptx_demonstrations.jsonl",
+                            task.demonstrations(cfg.data.num_demos, seed=cfg.seed + 1))
+        extra = {"ppo.ptx_data": str(path)}
+    return {"ppo.ptx_coef": float(p.coef), "ppo.ptx_format": p.format, "ppo.ptx_batch_size": int(p.batch_size),
+            **extra}
+
+
+def alignment_tax(cfg, models: dict[str, Path], demos: Path) -> dict:
+    """{model name: {"demo_loss", "demo_perplexity", "text_loss", "text_perplexity"}}: each model's
+    per-token loss on the SFT stage's held-out demonstrations (its own split of `demos`) and,
+    with a pretrain stage, on the pretrain stage's held-out text blocks (a side without held-out
+    data is left out)."""
+    tok = load_tokenizer_of(dict(init="pretrained", path=str(models["SFT"])))
+    size = int(cfg.eval.get("lm_batch_size", 64))
+    limit = int(cfg.eval.get("lm_batches", 0)) or None
+    sets = {}
+    held_demos = loop_lib.STAGES["sft"].build_data(_with(cfg.sft, cfg, **{"data.path": str(demos)}), tok)[1]
+    if held_demos is not None:
+        sets["demo"] = eval_lm.demo_batches(held_demos, size)[:limit]
+    if _has_pretrain(cfg):
+        pre = _with(cfg.pretrain, cfg)
+        held_text = loop_lib.STAGES["pretrain"].build_data(pre, tok)[1]
+        if held_text is not None:
+            sets["text"] = eval_lm.text_batches(held_text, tok, int(pre.data.max_length), size)[:limit]
+    if not sets:
+        return {}
+    tax = {}
+    for name, path in models.items():
+        losses = eval_lm.lm_losses(path, sets)
+        tax[name] = {f"{kind}_{m}": losses[kind][m] for kind in sets for m in ("loss", "perplexity")}
+    return tax
+
+
+def tax_table(tax: dict, gold: dict) -> str:
+    """Markdown table of `alignment_tax`'s losses (nats/token) and perplexities, with gold scores."""
+    cols = [(f"{kind}_{m}", f"held-out {what} {'loss' if m == 'loss' else 'perplexity'}")
+            for kind, what in (("text", "pretraining text"), ("demo", "demonstration")) for m in ("loss", "perplexity")
+            if any(f"{kind}_loss" in v for v in tax.values())]
+    lines = ["| model | " + " | ".join(title for _, title in cols) + " | gold score |",
+             "|-------|" + "------:|" * (len(cols) + 1)]
+    for name, v in tax.items():
+        cells = [f"{v[k]:.4f}" if k.endswith("loss") else f"{v[k]:.2f}" for k, _ in cols]
+        cells.append(f"{gold[name]:+.3f}" if name in gold else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: Path, sft_model: Path,
@@ -213,18 +319,26 @@ def _best_of_n_eval(cfg, task, workdir: Path, sft_model: Path, prompts: list[str
 
 def _report(summary: dict, plot) -> None:
     alg = summary["algorithm"]
-    kl = summary["kl_to_sft"]
+    acc = f"{summary['rm_eval_accuracy']:.3f}" if summary["rm_eval_accuracy"] else "-"
     table = [("policy", "gold score", "RM accuracy", "KL to SFT (nats)"),
              ("SFT", f"{summary['gold_score_sft']:+.3f}", "", "0"),
              (alg.upper() if alg != "best_of_n" else f"BoN-{summary['best_of_n/n']}",
-              f"{summary['gold_score_policy']:+.3f}",
-              f"{summary['rm_eval_accuracy']:.3f}" if summary["rm_eval_accuracy"] else "-",
-              f"{kl:.2f}" if kl is not None else "-")]
+              f"{summary['gold_score_policy']:+.3f}", acc, _kl(summary["kl_to_sft"]))]
+    if "gold_score_ptx" in summary:
+        table.append((f"{alg.upper()}-ptx", f"{summary['gold_score_ptx']:+.3f}", acc, _kl(summary["kl_to_sft_ptx"])))
     print()
+    width = max(len(row[0]) for row in table)
     for row in table:
-        print(f"| {row[0]:<6} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
+        print(f"| {row[0]:<{width}} | {row[1]:>10} | {row[2]:>11} | {row[3]:>16} |")
+    if summary["alignment_tax"]:
+        print("\nalignment tax (held-out per-token loss, nats):\n" + tax_table(summary["alignment_tax"],
+                                                                             summary["gold_scores"]))
     print(f"\n{summary['comparisons']} comparisons, {summary['labels']} labels, {summary['seconds']:.0f} s "
           f"({summary['policy_seconds']:.0f} s in the {alg} step); curves: {plot}")
+
+
+def _kl(kl) -> str:
+    return f"{kl:.2f}" if kl is not None else "-"
 
 
 def _policy_summary(cfg, step_summary: dict, bon: dict | None) -> dict:
@@ -247,6 +361,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if alg == "dpo":
         _check_dpo(cfg)  # before any stage runs
     cfg = ml_collections.ConfigDict({**cfg.to_dict(), "algorithm": alg})
+    _check_ptx(cfg)
     write_json_atomic(workdir / "config.json", cfg.to_dict())
     task = get_task(cfg.task)
     t_start = time.time()
@@ -256,15 +371,31 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     eval_prompts = task.prompts(cfg.data.num_eval_prompts, offset=cfg.data.num_train_prompts)
     prompts_file = _write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
 
+    models: dict[str, Path] = {}  # every language model of the run, for the alignment tax
+    sft_fields = {"data.path": str(demos)}
+    if _has_pretrain(cfg):
+        _stage(_with(cfg.pretrain, cfg), workdir / "pretrain", run_stage)
+        models["pretrain"] = workdir / "pretrain" / "model"
+        sft_fields.update({"model.init": "pretrained", "model.path": str(models["pretrain"])})
     sft_dir = workdir / "sft"
-    _stage(_with(cfg.sft, cfg, **{"data.path": str(demos)}), sft_dir, run_stage)
-    sft_model = policy = sft_dir / "model"
+    _stage(_with(cfg.sft, cfg, **sft_fields), sft_dir, run_stage)
+    sft_model = policy = models["SFT"] = sft_dir / "model"
     store = ComparisonStore(workdir / "comparisons")
     rm_summary, step_summary, step_dir, policy_seconds = {}, {}, None, 0.0
     for rnd in range(1, cfg.rounds + 1):
+        start_policy = policy
         rm_summary, step_summary, step_dir, policy, seconds = _round(cfg, rnd, workdir, store, task, policy,
                                                                      sft_model, train_prompts, prompts_file)
         policy_seconds += seconds
+    name = alg.upper()
+    if alg != "best_of_n":  # best-of-n's policy is the SFT model
+        models[name] = policy
+    ptx_summary = None
+    if _ptx_on(cfg):  # the last round's step again, from the same policy, with PPO-ptx
+        ptx_dir = step_dir.parent / f"{alg}_ptx"
+        ptx_summary, ptx_seconds = _pg_step(cfg, ptx_dir, start_policy, sft_model, prompts_file,
+                                            **_ptx_fields(cfg, workdir))
+        models[f"{name}-ptx"] = ptx_dir / "model"
 
     print(f"[rlhf] evaluating the SFT and {alg} policies with the gold scorer ...")
     gold_sft = gold_eval(task, sft_model, eval_prompts, cfg.eval, cfg.seed)
@@ -274,11 +405,23 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         policy_seconds += seconds
     else:
         gold = gold_eval(task, policy, eval_prompts, cfg.eval, cfg.seed)
+    gold_scores = {"SFT": gold_sft, name if alg != "best_of_n" else f"best-of-{cfg.best_of_n.n}": gold}
+    extra = {}
+    if ptx_summary is not None:
+        gold_scores[f"{name}-ptx"] = extra["gold_score_ptx"] = gold_eval(task, models[f"{name}-ptx"], eval_prompts,
+                                                                         cfg.eval, cfg.seed)
+        extra["kl_to_sft_ptx"] = ptx_summary.get("ppo/kl")
+        extra.update(ptx_loss_last=ptx_summary.get("ppo/ptx_loss"), ptx_seconds=ptx_seconds)
+    print("[rlhf] held-out LM loss of every model (the alignment tax) ...")
+    tax = alignment_tax(cfg, models, demos)
+    if tax:
+        atomic_write_text(workdir / "alignment_tax.md", tax_table(tax, gold_scores) + "\n")
     plot = plot_ppo(step_dir, workdir / "ppo_curves.png") if alg in _ADVANTAGE else None
     summary = {
         "task": task.name, "rounds": cfg.rounds, "algorithm": alg, "gold_score_sft": gold_sft,
         "gold_score_policy": gold, f"gold_score_{alg}": gold, "gold_improvement": gold - gold_sft,
         "rm_eval_accuracy": rm_summary.get("eval/accuracy"), **_policy_summary(cfg, step_summary, bon),
+        **extra, "gold_scores": gold_scores, "alignment_tax": tax,
         "comparisons": len(store.items()), "labels": len(store.labels()), "policy_seconds": policy_seconds,
         "seconds": time.time() - t_start, "plot": str(plot) if plot else None,
     }

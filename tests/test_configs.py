@@ -17,12 +17,14 @@ VARIANTS = {"configs/sft.py": ["smollm2", "variant=tiny"], "configs/rm.py": ["sm
             "configs/dpo.py": ["smollm2"], "configs/pretrain.py": ["smollm2"], "configs/rloo.py": ["k=8"],
             "configs/grpo.py": ["k=4,scale_by_std=false"],
             "experiments/quickstart.py": ["rounds=2", "2", "algorithm=rloo", "algorithm=grpo,rounds=2",
-                                          "algorithm=best_of_n"],
+                                          "algorithm=best_of_n", "ptx=1.0"],
+            "experiments/shakespeare_recipe.py": ["ptx=0.5", "algorithm=rloo"],
             "experiments/algorithms.py": ["algorithms=ppo+best_of_n,rounds=2"],
             "configs/eval.py": ["win_rate", "policy_stats", "best_of_n", "mc", "kind=overoptimisation"]}
 STAGES = {"configs/common.py": "sft", "configs/sft.py": "sft", "configs/rm.py": "rm", "configs/dpo.py": "dpo",
           "configs/ppo.py": "ppo", "configs/rloo.py": "ppo", "configs/grpo.py": "ppo", "configs/pretrain.py": "pretrain",
-          "experiments/quickstart.py": "rlhf", "experiments/algorithms.py": "algorithms", "experiments/sft_smollm2.py": "sft",
+          "experiments/quickstart.py": "rlhf", "experiments/algorithms.py": "algorithms",
+          "experiments/shakespeare_recipe.py": "rlhf", "experiments/sft_smollm2.py": "sft",
           "experiments/rm_hh_smollm2.py": "rm", "configs/eval.py": "eval"}
 
 
@@ -116,3 +118,19 @@ def test_quickstart_composes_the_stage_configs():
     assert qs.sft.tokenizer == "byte" and qs.sft.model.tiny.mlp_dim == 192 and qs.sft.train.num_steps == 400
     assert qs.rm.data.on_bad_row == "skip" and qs.rm.rm.max_pairs == 32 and qs.rm.train.num_epochs == 4
     assert qs.ppo.ppo.num_updates == 40 and qs.ppo.ppo.kl_target == 0.0 and qs.ppo.optimizer.lr == 1e-3
+
+
+def test_shakespeare_recipe_is_the_quickstart_after_a_pretrain_stage_with_ptx_on_its_text():
+    recipe = load_config(ROOT / "experiments" / "shakespeare_recipe.py")
+    qs = load_config(ROOT / "experiments" / "quickstart.py", "ptx=1.0")
+    pretrain = load_config(ROOT / "configs" / "pretrain.py")  # stage 0 as configs/pretrain.py runs it
+    for part in ("model", "optimizer"):
+        assert recipe.pretrain[part].to_dict() == pretrain[part].to_dict()
+    assert recipe.pretrain.train.num_steps == pretrain.train.num_steps and recipe.pretrain.stage == "pretrain"
+    assert Path(recipe.pretrain.data.path) == ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    assert (recipe.ptx.coef, recipe.ptx.format, qs.ptx.format, qs.ptx.coef) == (1.0, "pretrain", "sft", 1.0)
+    assert recipe.ppo.to_dict() == qs.ppo.to_dict() and recipe.rm.to_dict() == qs.rm.to_dict()
+    assert load_config(ROOT / "experiments" / "shakespeare_recipe.py", "ptx=0.5").ptx.coef == 0.5
+    assert load_config(ROOT / "experiments" / "quickstart.py").ptx.coef == 0.0  # no PPO-ptx run by default
+    with pytest.raises(ValueError, match="algorithm='dpo' is not one of ppo, rloo, grpo"):
+        load_config(ROOT / "experiments" / "shakespeare_recipe.py", "algorithm=dpo")

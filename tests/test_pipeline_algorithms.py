@@ -50,5 +50,8 @@ def test_dpo_rounds_train_on_the_comparisons(tmp_path):
                                     "dpo.dpo.max_pairs": 4, "dpo.data.max_length": 64})
     summary = run_rlhf(cfg, tmp_path)
     assert summary["algorithm"] == "dpo"
+    tax = summary["alignment_tax"]  # no pretrain stage: the held-out demonstrations only
+    assert list(tax) == ["SFT", "DPO"] and set(tax["DPO"]) == {"demo_loss", "demo_perplexity"}
+    assert tax["DPO"]["demo_loss"] != tax["SFT"]["demo_loss"]
     assert (tmp_path / "round_1" / "dpo" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "round_1" / "rm").exists()  # online DPO trains on the comparisons, no RM
