@@ -82,6 +82,44 @@ def _stage(cfg: ml_collections.ConfigDict, workdir: Path, runner) -> dict:
     return runner(cfg, workdir)
 
 
+class _Clock:
+    """The pipeline's wall time over all its processes: what earlier processes recorded (at
+    their last tick) plus this process's time, written back at every tick."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        earlier = json.loads(path.read_text())["seconds"] if path.exists() else 0.0
+        self.start = time.time() - earlier
+
+    def tick(self) -> float:
+        seconds = time.time() - self.start
+        write_json_atomic(self.path, {"seconds": seconds})
+        return seconds
+
+
+def _last_export(workdir: Path, rounds: int) -> dict:
+    """The last round's preference pairs and the pairs its export dropped."""
+    path = workdir / f"round_{rounds}" / "preferences_counts.json"
+    counts = json.loads(path.read_text()) if path.exists() else {}
+    return {"preference_pairs": counts.get("pairs"), "dropped_pairs": counts.get("dropped_pairs")}
+
+
+def _export_round(store: ComparisonStore, rd: Path) -> Path:
+    """The round's preference file: every comparison so far (the RM is retrained on all of them).
+    Once a stage has started on it, a rerun keeps it as it is (a resumed RM must see the data it
+    started on, not labels added since). Pairs the export drops are reported."""
+    prefs = rd / "preferences.jsonl"
+    if prefs.exists() and any((rd / name).exists() for name in ("rm", "dpo")):
+        return prefs
+    rd.mkdir(parents=True, exist_ok=True)
+    counts = store.export_preferences(prefs)
+    print(f"[rlhf] {rd.name}: {counts['labels']} labels -> {counts['pairs']} preference pairs in {prefs.name}"
+          + (f"; {counts['dropped_pairs']} dropped (identical or empty responses)" if counts["dropped_pairs"] else "")
+          + (f"; {counts['no_preference']} ties or skips" if counts["no_preference"] else ""))
+    write_json_atomic(rd / "preferences_counts.json", counts)
+    return prefs
+
+
 def _with(cfg: ml_collections.ConfigDict, parent, **fields) -> ml_collections.ConfigDict:
     """A copy of a stage config with the pipeline's shared fields and the given overrides."""
     c = ml_collections.ConfigDict(cfg.to_dict())
@@ -296,9 +334,7 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
                               max_new_tokens=cfg.collect.max_new_tokens, temperature=cfg.collect.temperature,
                               seed=cfg.seed + rnd, batch_size=cfg.collect.batch_size, meta={"round": rnd})
     _label(cfg, task, store, ids)
-    prefs = rd / "preferences.jsonl"
-    rd.mkdir(parents=True, exist_ok=True)
-    store.export_preferences(prefs)  # every comparison so far: the RM is retrained on all of them
+    prefs = _export_round(store, rd)
     rm_summary = {}
     if cfg.algorithm != "dpo":
         rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",
@@ -364,7 +400,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     _check_ptx(cfg)
     write_json_atomic(workdir / "config.json", cfg.to_dict())
     task = get_task(cfg.task)
-    t_start = time.time()
+    clock = _Clock(workdir / "pipeline_seconds.json")
     data = workdir / "data"  # the task's data, built in
     demos = _write_jsonl(data / "demonstrations.jsonl", task.demonstrations(cfg.data.num_demos, seed=cfg.seed))
     train_prompts = task.prompts(cfg.data.num_train_prompts)
@@ -380,6 +416,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     sft_dir = workdir / "sft"
     _stage(_with(cfg.sft, cfg, **sft_fields), sft_dir, run_stage)
     sft_model = policy = models["SFT"] = sft_dir / "model"
+    clock.tick()
     store = ComparisonStore(workdir / "comparisons")
     rm_summary, step_summary, step_dir, policy_seconds = {}, {}, None, 0.0
     for rnd in range(1, cfg.rounds + 1):
@@ -387,6 +424,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         rm_summary, step_summary, step_dir, policy, seconds = _round(cfg, rnd, workdir, store, task, policy,
                                                                      sft_model, train_prompts, prompts_file)
         policy_seconds += seconds
+        clock.tick()
     name = alg.upper()
     if alg != "best_of_n":  # best-of-n's policy is the SFT model
         models[name] = policy
@@ -423,7 +461,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         "rm_eval_accuracy": rm_summary.get("eval/accuracy"), **_policy_summary(cfg, step_summary, bon),
         **extra, "gold_scores": gold_scores, "alignment_tax": tax,
         "comparisons": len(store.items()), "labels": len(store.labels()), "policy_seconds": policy_seconds,
-        "seconds": time.time() - t_start, "plot": str(plot) if plot else None,
+        **_last_export(workdir, cfg.rounds), "seconds": clock.tick(), "plot": str(plot) if plot else None,
     }
     write_json_atomic(workdir / "summary.json", summary)
     write_json_atomic(workdir / f"summary_{alg}.json", summary)

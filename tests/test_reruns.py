@@ -90,3 +90,23 @@ def test_wall_time_and_summary_span_every_process_of_a_resumed_run(tmp_path):
     assert 100.0 < row["time/seconds"] < 160.0
     summary = last_values(tmp_path)
     assert summary["train/loss"] == 1.0 and summary["eval/loss"] == 3.0 and summary["time/seconds"] > 100.0
+
+
+def test_a_round_export_reports_dropped_pairs_and_is_kept_once_its_rm_started(tmp_path, capsys):
+    from rlhf_jax.feedback.store import ComparisonStore
+    from rlhf_jax.pipeline import _export_round
+
+    store = ComparisonStore(tmp_path / "comparisons")
+    ids = store.add_items([{"prompt": "p1", "responses": ["good", "bad"]},
+                           {"prompt": "p2", "responses": ["same", "same"]}])
+    for i in ids:
+        store.add_label(i, "alice", "choice", ranking=[0, 1])
+    rd = tmp_path / "round_1"
+    prefs = _export_round(store, rd)
+    assert "2 labels -> 1 preference pairs" in capsys.readouterr().out
+    assert json.loads((rd / "preferences_counts.json").read_text())["dropped_pairs"] == 1
+    first = prefs.read_text()
+    (rd / "rm").mkdir()  # the round's RM started on that file
+    extra = store.add_items([{"prompt": "p3", "responses": ["x", "y"]}])
+    store.add_label(extra[0], "bob", "choice", ranking=[1, 0])
+    assert _export_round(store, rd).read_text() == first  # a rerun keeps what the RM trains on
