@@ -16,7 +16,9 @@ Measured with `--config configs/rm.py:smollm2`, which this config equals field b
 
 Chance is 0.5 and one binomial standard error is 0.035 (measured at commit 1c78f23; later
 commits touch only file writing and throughput logging, and a run at 742a9d4 gave the same
-0.656 bit for bit).
+0.656 bit for bit). Not yet re-measured since 6f15de5, which changed how preference pairs
+are truncated (the responses kept whole, the prompt cut from the left, instead of the prompt
+first): at 160 tokens many HH dialogues are cut, so these figures will move.
 For scale, published RMs reach about 0.63–0.69 on TL;DR at 1–7B parameters, and human
 labelers agree with each other about 73–77% of the time.
 """
