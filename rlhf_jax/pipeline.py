@@ -400,7 +400,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     _check_ptx(cfg)
     write_json_atomic(workdir / "config.json", cfg.to_dict())
     task = get_task(cfg.task)
-    clock = _Clock(workdir / "pipeline_seconds.json")
+    clock = _Clock(workdir / f"pipeline_seconds_{alg}.json")  # algorithms may share a workdir
     data = workdir / "data"  # the task's data, built in
     demos = _write_jsonl(data / "demonstrations.jsonl", task.demonstrations(cfg.data.num_demos, seed=cfg.seed))
     train_prompts = task.prompts(cfg.data.num_train_prompts)
