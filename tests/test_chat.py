@@ -7,9 +7,8 @@ the chat page load it by path). Its kernels are scaled up from the N(0, 0.02) in
 greedy answers depend on the context (with the raw init every answer repeats one token).
 """
 
+import io
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import sharding
+from rlhf_jax.chat import cli
 from rlhf_jax.chat.engine import ChatModel
 from rlhf_jax.chat.session import ChatSession, ContextError, save_comparison
 from rlhf_jax.chat.template import (
@@ -33,7 +33,6 @@ from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.models import ModelDef, load_model, save_pretrained
 from rlhf_jax.sampling import SamplingConfig, make_generate
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(model_type="llama", hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
             max_position_embeddings=256, tie_embeddings=False)
 CONTEXT = 160  # tokens: three short turns fit, five long ones do not
@@ -199,20 +198,19 @@ def test_templates():
     assert template_messages(tok, conv) == (conv, None)
 
 
-def test_terminal_chat_reads_a_script_from_stdin(model_dir, tmp_path):
+def test_terminal_chat_reads_a_script_from_stdin(model_dir, tmp_path, monkeypatch, capsys):
     """Three turns from a script, the second with two answers (the second picked); the
-    history file and the store get the conversation. A subprocess: the real entry point."""
+    history file and the store get the conversation. In process, so that it reuses the
+    programs the other tests compiled (`python -m rlhf_jax.chat` calls the same `main`)."""
     script = "Hello there\n/temp 0.5\n/two How are you?\n2\n/temp 0\nGood bye\n"
     history, store_dir = tmp_path / "history.jsonl", tmp_path / "store"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(
-        [sys.executable, "-m", "rlhf_jax.chat", "--model", str(model_dir), "--temperature", "0", "--max-new-tokens",
-         str(MAX_NEW), "--context", str(CONTEXT), "--system", "Be kind.", "--history", str(history), "--store",
-         str(store_dir), "--labeler", "tester"],
-        input=script, capture_output=True, text=True, timeout=300, env=env)
-    assert out.returncode == 0, out.stderr
-    assert "Traceback" not in out.stderr and "error" not in out.stderr, out.stderr
-    lines = out.stdout.splitlines()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))  # not a TTY: read as a script
+    cli.main(["--model", str(model_dir), "--temperature", "0", "--max-new-tokens", str(MAX_NEW), "--context",
+              str(CONTEXT), "--system", "Be kind.", "--history", str(history), "--store", str(store_dir),
+              "--labeler", "tester"])
+    out = capsys.readouterr()
+    assert "error" not in out.err, out.err
+    lines = out.out.splitlines()
     assert [line for line in lines if line.startswith("you> ")] == [
         "you> Hello there", "you> /temp 0.5", "you> /two How are you?", "you> /temp 0", "you> Good bye"]
     assert sum(line.startswith("assistant> ") for line in lines) == 2
@@ -232,3 +230,11 @@ def test_terminal_chat_reads_a_script_from_stdin(model_dir, tmp_path):
     assert item["responses"][1] == messages[4]["content"]  # the conversation went on with answer 2
     assert (label["labeler"], label["kind"], label["ranking"]) == ("tester", "choice", [1, 0])
     assert item["meta"]["temperature"] == 0.5 and item["meta"]["template"] == "auto"
+
+
+def test_terminal_chat_user_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--model", str(tmp_path / "nothing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "config.json" in err and "Traceback" not in err

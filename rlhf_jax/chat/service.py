@@ -78,6 +78,13 @@ class ChatService:
         return {"two_prob": self.two_prob, "policy": self.policy_name, "max_context": self.model.max_context,
                 **{k: self.settings[k] for k in ("temperature", "top_k", "top_p", "max_new_tokens", "template")}}
 
+    def messages(self, conversation: str) -> list[dict[str, str]]:
+        """A copy of a conversation's messages so far."""
+        with self._lock:
+            if conversation not in self._sessions:
+                raise UnknownConversation(f"conversation: {conversation!r:.40} is not open on this server")
+            return [dict(m) for m in self._sessions[conversation].messages]
+
     def _claim(self, conversation: str | None) -> tuple[str, ChatSession]:
         with self._lock:
             if conversation is None:
