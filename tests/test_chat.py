@@ -103,6 +103,22 @@ def test_incremental_chat_equals_full_reencode(chat_model, reference):
         assert reply.text == bot["content"] and reply.generated.prefilled_tokens == reply.generated.prompt_tokens
 
 
+def test_cache_grows_with_the_conversation(chat_model):
+    """A conversation that outgrows its cache moves to a bigger one with its slots copied: the
+    answer equals a fresh prefill of the whole prompt."""
+    kw = dict(max_new_tokens=MAX_NEW, temperature=0.0, stop_ids=(), key=jax.random.key(0))
+    short = list(range(60, 65))
+    first, state = chat_model.generate(chat_model.new_state(), short, **kw)
+    assert state.cache.max_length == 256
+    # 136 new tokens go in a 256-wide prefill after the 14 cached: more than 256 slots.
+    longer = short + list(first.tokens) + list(range(100, 235))
+    grown, state = chat_model.generate(state, longer, **kw)
+    assert state.cache.max_length == CONTEXT + chat_model.prefill_chunk
+    assert grown.prefilled_tokens == len(longer) - len(short) - len(first.tokens) + 1
+    fresh, _ = chat_model.generate(chat_model.new_state(), longer, **dict(kw, key=jax.random.key(1)))
+    assert grown.tokens == fresh.tokens
+
+
 def test_context_overflow_drops_oldest_turns(chat_model, reference):
     chat = ChatSession(chat_model, system="Sys.", temperature=0.0, max_new_tokens=MAX_NEW)
     long = [f"message number {i}: " + "lorem ipsum " * 3 for i in range(5)]

@@ -15,7 +15,10 @@ prefill pads its new tokens on the right to a power-of-two bucket (16 ... `prefi
 longer inputs go in `prefill_chunk` pieces), decode runs up to C tokens per call in a
 `while_loop` that exits at an end-of-turn token (the streaming granularity), and the
 temperature is an argument, so `/temp` does not recompile (greedy and sampling are two
-programs). Tokens are drawn with the compiled sampler's `sample_token`; token t of a call
+programs). Attention reads every slot of the cache, so the cache grows with the
+conversation instead of starting at the full window: S is a power of two from 256 (capped
+at the window plus one prefill bucket), and a conversation that needs more slots moves to
+the next size (its slots copied; one more set of programs to compile). Tokens are drawn with the compiled sampler's `sample_token`; token t of a call
 uses `fold_in(key, t)`, as `sampling.generate` does.
 """
 
@@ -36,10 +39,11 @@ from rlhf_jax.models import KVCache, ModelDef, cached_program, load_model, model
 from rlhf_jax.sampling import SamplingConfig, sample_token
 
 MIN_BUCKET = 16
+MIN_SLOTS = 256
 
 
-def _bucket(n: int, largest: int) -> int:
-    size = MIN_BUCKET
+def _bucket(n: int, largest: int, smallest: int = MIN_BUCKET) -> int:
+    size = smallest
     while size < n:
         size *= 2
     return min(size, largest)
@@ -129,7 +133,7 @@ def _prefill(model_def: ModelDef, config: SamplingConfig, params, cache: KVCache
 def _decode(model_def: ModelDef, config: SamplingConfig, chunk: int, stop_ids: tuple[int, ...], params,
             cache: KVCache, tok, t0, limit, key, temperature):
     """Feeds `tok` (answer token t0 - 1) and samples up to min(chunk, limit) more, stopping after
-    an end-of-turn token. Returns (tokens [C], how many are real, stopped, cache)."""
+    an end-of-turn token. Returns (tokens [C], how many are real, the last one, stopped, cache)."""
     model = model_def.merge(params)
     stop = jnp.asarray(stop_ids, jnp.int32)
 
@@ -145,8 +149,16 @@ def _decode(model_def: ModelDef, config: SamplingConfig, chunk: int, stop_ids: t
         return n + 1, cache, toks_C.at[n].set(new), new, jnp.any(new == stop)
 
     state = (jnp.int32(0), cache, jnp.zeros((chunk,), jnp.int32), jnp.asarray(tok, jnp.int32), jnp.bool_(False))
-    n, cache, toks_C, _, stopped = jax.lax.while_loop(cond, body, state)
-    return toks_C, n, stopped, cache
+    n, cache, toks_C, last, stopped = jax.lax.while_loop(cond, body, state)
+    return toks_C, n, last, stopped, cache
+
+
+def _grow(cache: KVCache, slots: int) -> KVCache:
+    """The same cache with `slots` slots (the new ones empty)."""
+    extra = slots - cache.max_length
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, extra), (0, 0)))  # noqa: E731
+    return cache.replace(k=tuple(pad(x) for x in cache.k), v=tuple(pad(x) for x in cache.v),
+                         mask_BS=jnp.pad(cache.mask_BS, ((0, 0), (0, extra))))
 
 
 class ChatModel:
@@ -187,15 +199,19 @@ class ChatModel:
         self.decode_chunk = int(decode_chunk)
         # A prefill writes a whole bucket from the first free slot, so the cache has room for one more.
         self.capacity = self.max_context + self.prefill_chunk
+        self._grow = jax.jit(_grow, static_argnums=1)
         self.lock = threading.Lock()
         self.traces = 0  # programs traced (= compiled) by this model: a test checks turns reuse them
 
     def new_state(self) -> CacheState:
         return CacheState()
 
-    def _new_cache(self) -> KVCache:
-        cache = KVCache.create(self.cfg, 1, self.capacity)
-        return jax.device_put(cache, NamedSharding(self.mesh, P()))
+    def _cache_with(self, cache: KVCache | None, needed: int) -> KVCache:
+        """`cache` (or a new one) with at least `needed` slots, grown to the next size if short."""
+        slots = _bucket(needed, self.capacity, MIN_SLOTS)
+        if cache is None:
+            return jax.device_put(KVCache.create(self.cfg, 1, slots), NamedSharding(self.mesh, P()))
+        return self._grow(cache, slots) if cache.max_length < slots else cache
 
     def _programs(self, config: SamplingConfig, stop_ids: tuple[int, ...]):
         def counted(fn):
@@ -238,16 +254,17 @@ class ChatModel:
         stream = TextStream(self.tokenizer, stop_ids)
         with self.lock:
             t_start = time.perf_counter()
-            cache = state.cache if state.cache is not None else self._new_cache()
             # The last prompt token is always run, for the logits of the answer's first token.
             start = min(common_prefix(state.ids, prompt_ids), len(prompt_ids) - 1) if prefix_cache else 0
-            pos = start
-            while pos < len(prompt_ids):
-                piece = prompt_ids[pos:pos + self.prefill_chunk]
-                ids_1T = np.zeros((1, _bucket(len(piece), self.prefill_chunk)), np.int32)
+            pieces = [(pos, prompt_ids[pos:pos + self.prefill_chunk])
+                      for pos in range(start, len(prompt_ids), self.prefill_chunk)]
+            widths = [_bucket(len(piece), self.prefill_chunk) for _, piece in pieces]
+            needed = max(len(prompt_ids) + int(max_new_tokens), pieces[-1][0] + widths[-1])
+            cache = self._cache_with(state.cache if prefix_cache else None, needed)
+            for (pos, piece), width in zip(pieces, widths):
+                ids_1T = np.zeros((1, width), np.int32)
                 ids_1T[0, :len(piece)] = piece
                 tok, cache = prefill(self.params, cache, ids_1T, np.int32(pos), np.int32(len(piece)), key, temp)
-                pos += len(piece)
             tokens = [int(tok)]
             first_token_s = time.perf_counter() - t_start
             stopped = tokens[-1] in stop_ids
@@ -256,12 +273,12 @@ class ChatModel:
                 if delta:
                     on_text(delta)
             while not stopped and len(tokens) < max_new_tokens:
-                toks_C, n, stopped_dev, cache = decode(self.params, cache, tok, np.int32(len(tokens)),
-                                                       np.int32(max_new_tokens - len(tokens)), key, temp)
-                new = np.asarray(toks_C)[:int(n)].tolist()
-                tok = toks_C[int(n) - 1]
+                toks_C, n, tok, stopped_dev, cache = decode(self.params, cache, tok, np.int32(len(tokens)),
+                                                            np.int32(max_new_tokens - len(tokens)), key, temp)
+                toks_C, n, stopped = jax.device_get((toks_C, n, stopped_dev))
+                new = toks_C[:int(n)].tolist()
                 tokens += new
-                stopped = bool(stopped_dev)
+                stopped = bool(stopped)
                 if on_text is not None:
                     delta = stream.feed(new, final=stopped or len(tokens) >= max_new_tokens)
                     if delta:
