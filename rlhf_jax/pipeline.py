@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax.best_of_n import best_of_n, rm_score_fn
+from rlhf_jax.chat.export import export_store
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.fileio import atomic_write_text
 from rlhf_jax.feedback.collect import collect_comparisons, generate_texts
@@ -192,7 +193,9 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
     _label(cfg, task, store, ids)
     prefs = rd / "preferences.jsonl"
     rd.mkdir(parents=True, exist_ok=True)
-    store.export_preferences(prefs)  # every comparison so far: the RM is retrained on all of them
+    # Every comparison so far (the RM is retrained on all of them); chat comparisons in the
+    # store are rendered with the chat template of the SFT model's tokenizer.
+    export_store(store, prefs, model=sft_model)
     rm_summary = {}
     if cfg.algorithm != "dpo":
         rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",

@@ -7,6 +7,9 @@ is skipped, saying which is missing, without them (see test_feedback_page.py).
 """
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -19,7 +22,9 @@ from test_train_loop import tiny_config
 from rlhf_jax.chat.engine import ChatModel
 from rlhf_jax.chat.service import ChatService
 from rlhf_jax.feedback import ComparisonStore
-from rlhf_jax.feedback.server import export, start_in_thread
+from rlhf_jax.chat.export import export_store
+from rlhf_jax.feedback.server import main as server_main
+from rlhf_jax.feedback.server import start_in_thread
 from rlhf_jax.train.logging import read_metrics
 from rlhf_jax.train.loop import run
 
@@ -65,7 +70,7 @@ def call(url, body=None, token=None):
         return e.code, json.loads(e.read())
 
 
-def test_chat_api_streams_and_stores_two_answer_turns(chat_server, tmp_path, model_dir):
+def test_chat_api_streams_and_stores_two_answer_turns(chat_server, tmp_path, model_dir, capsys):
     srv = chat_server()
     status, config = call(srv.url + "api/config")
     assert status == 200 and config["chat"]["two_prob"] == 0.0 and config["chat"]["policy"] == str(model_dir)
@@ -115,8 +120,11 @@ def test_chat_api_streams_and_stores_two_answer_turns(chat_server, tmp_path, mod
     assert nxt["item"]["messages"] == item["prompt"]
     assert nxt["item"]["prompt"] == f"user: Hello\n\nassistant: {first}\n\nuser: More"
 
-    counts = export(srv.store, tmp_path / "prefs.jsonl")  # the tokenizer of the policy in the items' meta
+    counts = export_store(srv.store, tmp_path / "prefs.jsonl")  # the tokenizer of the policy in the items' meta
     assert counts["rows"] == 1
+    server_main(["--store", str(srv.store.path), "--export", str(tmp_path / "cli.jsonl")])
+    assert "exported 1 rows" in capsys.readouterr().out
+    assert (tmp_path / "cli.jsonl").read_text() == (tmp_path / "prefs.jsonl").read_text()
 
 
 def test_chat_needs_the_token_beyond_loopback(chat_server):
@@ -178,7 +186,7 @@ def test_page_three_turns_one_comparison_trains_an_rm(chat_server, browser, tmp_
     assert call(srv.url + "api/choose", {"conversation": events[0]["conversation"], "item_id": events[-1]["item_id"],
                                          "choice": 0, "labeler": "bob"})[0] == 200
     prefs = tmp_path / "prefs.jsonl"
-    assert export(srv.store, prefs)["rows"] == 2
+    assert export_store(srv.store, prefs)["rows"] == 2
     rows = [json.loads(line) for line in prefs.read_text().splitlines()]
     assert rows[0]["prompt"] == f"<|user|>\nHello<eos><|assistant|>\n{first}<eos><|user|>\nTell me more<eos><|assistant|>\n"
     assert (rows[0]["chosen"], rows[0]["rejected"]) == (shown[1] + "<eos>", shown[0] + "<eos>")
@@ -190,3 +198,29 @@ def test_page_three_turns_one_comparison_trains_an_rm(chat_server, browser, tmp_
     (step,) = [m for m in read_metrics(tmp_path / "rm") if "train/loss" in m]
     assert step["step"] == 1 and np.isfinite(step["train/loss"])
     assert (tmp_path / "rm" / "model" / "config.json").exists()
+
+
+def test_chat_command_line(tmp_path, model_dir, capsys):
+    for argv, words in ((["--chat"], "--chat needs --model"),
+                        (["--chat", "--model", "never-loaded", "--host", "0.0.0.0"], "--token")):
+        with pytest.raises(SystemExit) as e:
+            server_main(["--store", str(tmp_path / "store")] + argv)
+        assert e.value.code == 2 and words in capsys.readouterr().err
+
+    # The real command: it loads the model, then serves the chat page and its settings.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf_jax.feedback.server", "--chat", "--model", str(model_dir), "--store",
+         str(tmp_path / "store"), "--port", "0", "--two-prob", "0.5", "--temperature", "0.3", "--max-new-tokens", "16"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"chat with {model_dir} at http://127.0.0.1:"), line
+        url = line.split(" at ")[1].split()[0]
+        status, config = call(url + "api/config")
+        assert config["chat"]["two_prob"] == 0.5 and config["chat"]["temperature"] == 0.3
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err

@@ -401,32 +401,6 @@ def start_in_thread(store: ComparisonStore | str, host: str = "127.0.0.1", port:
     return server
 
 
-def export(store: ComparisonStore, out: str, model: str | None = None, tokenizer: str = "",
-           format: str = "pairs") -> dict[str, int]:
-    """`store.export_preferences(out)`, chat comparisons rendered with the chat template of
-    `model`'s tokenizer (default: the one policy the chat comparisons recorded)."""
-    render = None
-    chats = [item for item in store.items() if not isinstance(item["prompt"], str)]
-    if chats:
-        # Imported only for conversations: a plain store exports without the tokenizer stack.
-        from rlhf_jax.chat.template import comparison_renderer
-        from rlhf_jax.data.tokenizer import load_tokenizer
-        from rlhf_jax.models.load import load_tokenizer_of
-
-        if tokenizer:
-            tok = load_tokenizer(tokenizer)
-        else:
-            if not model:
-                policies = sorted({str(item["meta"].get("policy")) for item in chats})
-                if len(policies) != 1 or policies[0] == "None":
-                    raise ValueError(f"--model: the chat comparisons come from {len(policies)} policies "
-                                     f"{policies[:3]}; name the model whose chat template renders them")
-                model = policies[0]
-            tok = load_tokenizer_of(model)
-        render = comparison_renderer(tok)
-    return store.export_preferences(out, format=format, render=render)
-
-
 def _chat_service(args: argparse.Namespace, store: ComparisonStore) -> ChatService:
     # Imported here: the labeling page alone must start without JAX.
     from rlhf_jax.chat.engine import ChatModel
@@ -458,9 +432,11 @@ def main(argv: list[str] | None = None) -> None:
     options.add_chat_args(parser)
     args = parser.parse_args(argv)
     if args.export:
+        from rlhf_jax.chat.export import export_store  # the labeling page alone needs no JAX
+
         try:
-            counts = export(ComparisonStore(args.store), args.export, args.model, args.tokenizer,
-                            args.export_format)
+            counts = export_store(ComparisonStore(args.store), args.export, model=args.model,
+                                  tokenizer=args.tokenizer, format=args.export_format)
         except (ValueError, FileNotFoundError) as e:
             parser.exit(2, f"error: {e}\n")
         print(f"exported {counts['rows']} rows ({counts['pairs']} pairs from {counts['labels']} labels; "
