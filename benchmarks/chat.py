@@ -63,15 +63,15 @@ from rlhf_jax.models import ModelDef, count, load_model  # noqa: E402
 BEGIN, END = "<!-- chat:begin -->", "<!-- chat:end -->"
 QUESTIONS = [
     "Hello! Who are you?",
-    "What is the capital of France?",
-    "Tell me one fact about it.",
-    "How far is it from Berlin?",
-    "Which of the two cities is older?",
-    "Name a famous museum in each.",
-    "What can I see in the first one?",
-    "Suggest a dish to try there.",
-    "How do I cook it at home?",
-    "Thanks! Summarise our conversation in one sentence.",
+    "Write a short paragraph about Paris.",
+    "Now one about Berlin.",
+    "Compare the two cities in three sentences.",
+    "Which museums should I visit in Paris? List three.",
+    "Describe the first one.",
+    "Suggest a French dish and explain how to cook it.",
+    "What should I drink with it?",
+    "Write a short poem about a trip to Paris.",
+    "Summarise our conversation in two sentences.",
 ]
 TINY = dict(model_type="llama", hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
             mlp_dim=1024, max_position_embeddings=2048, tie_embeddings=False)

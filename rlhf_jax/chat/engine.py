@@ -24,6 +24,7 @@ uses `fold_in(key, t)`, as `sampling.generate` does.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 import time
@@ -40,6 +41,16 @@ from rlhf_jax.sampling import SamplingConfig, sample_token
 
 MIN_BUCKET = 16
 MIN_SLOTS = 256
+# How often each chat program was traced, i.e. compiled for new shapes (a test checks that
+# later turns compile nothing).
+TRACES: collections.Counter[str] = collections.Counter()
+
+
+def _counted(name: str, fn: Callable) -> Callable:
+    def traced(*args):
+        TRACES[name] += 1  # runs only while tracing
+        return fn(*args)
+    return traced
 
 
 def _bucket(n: int, largest: int, smallest: int = MIN_BUCKET) -> int:
@@ -201,7 +212,6 @@ class ChatModel:
         self.capacity = self.max_context + self.prefill_chunk
         self._grow = jax.jit(_grow, static_argnums=1)
         self.lock = threading.Lock()
-        self.traces = 0  # programs traced (= compiled) by this model: a test checks turns reuse them
 
     def new_state(self) -> CacheState:
         return CacheState()
@@ -214,19 +224,15 @@ class ChatModel:
         return self._grow(cache, slots) if cache.max_length < slots else cache
 
     def _programs(self, config: SamplingConfig, stop_ids: tuple[int, ...]):
-        def counted(fn):
-            def traced(*args):
-                self.traces += 1  # runs only while tracing
-                return fn(*args)
-            return traced
-
-        md = self.model_def
+        # Shared by every ChatModel of the same architecture (`cached_program`); nothing of
+        # this instance is captured, so a cached program keeps no parameters alive.
+        md, chunk = self.model_def, self.decode_chunk
         prefill = cached_program(
             "chat_prefill", md, self.mesh, config,
-            lambda: jax.jit(counted(lambda *a: _prefill(md, config, *a)), donate_argnums=(1,)))
+            lambda: jax.jit(_counted("chat_prefill", lambda *a: _prefill(md, config, *a)), donate_argnums=(1,)))
         decode = cached_program(
-            "chat_decode", md, self.mesh, (config, self.decode_chunk, stop_ids),
-            lambda: jax.jit(counted(lambda *a: _decode(md, config, self.decode_chunk, stop_ids, *a)),
+            "chat_decode", md, self.mesh, (config, chunk, stop_ids),
+            lambda: jax.jit(_counted("chat_decode", lambda *a: _decode(md, config, chunk, stop_ids, *a)),
                             donate_argnums=(1,)))
         return prefill, decode
 
