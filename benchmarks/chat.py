@@ -9,7 +9,8 @@ answer where its re-encoded text differs from the sampled tokens); without it
 answers (checked). One untimed conversation per mode compiles every program first; then the
 two modes alternate for `--repeats` conversations and the table reports the medians:
 
-- first token (ms): from `send` to the first answer token on the host (prefill included),
+- first token (ms): from the model call (the conversation rendered and tokenized) to the
+  first answer token on the host (prefill included),
   mean over the 10 turns, and at turn 10 (the longest history);
 - decode tok/s: answer tokens after the first per second of decoding;
 - end-to-end tok/s: answer tokens per second of the whole turn (prefill included);
@@ -213,11 +214,12 @@ def main(argv=None):
             f"tokens, a {args.context}-token context window, batch 1), medians of {args.repeats} conversations per "
             "mode after one untimed conversation per mode (compilation is not in the timing). With the prefix "
             "cache a turn prefills only what the KV cache does not hold; without it every turn prefills the "
-            "whole conversation. Both modes give the same answers (checked). First token: from `send` to the "
-            "first answer token on the host. Decode tok/s: answer tokens after the first per second; end-to-end: "
-            "answer tokens per second of the whole turn. Prefilled / prompt tokens: summed over the 10 turns "
-            "(the random model's byte-level answers often do not re-encode to the same tokens, so its cached "
-            "turns also prefill the previous answer again)."
+            "whole conversation. Both modes give the same answers (checked). First token: from the model call "
+            "(the conversation already rendered and tokenized) to the first answer token on the host. Decode "
+            "tok/s: answer tokens after the first per second; end-to-end: answer tokens per second of the whole "
+            "turn. Prefilled / prompt tokens: summed over the 10 turns (the random model's byte-level answers "
+            "often do not re-encode to the same tokens, so its cached turns also prefill the previous answer "
+            "again)."
             + (" XLA computes on one thread (`--threads 1`)." if args.threads == 1 else ""),
             "",
             f"Command: `{command}`",

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import urllib.error
 import urllib.request
 
@@ -127,6 +128,38 @@ def test_chat_api_streams_and_stores_two_answer_turns(chat_server, tmp_path, mod
     assert (tmp_path / "cli.jsonl").read_text() == (tmp_path / "prefs.jsonl").read_text()
 
 
+def test_several_users_at_once_lose_nothing(chat_server):
+    """Four people chat at the same time, each through a two-answer turn and a choice: every
+    comparison and every label is stored, with its own conversation as the prompt."""
+    srv = chat_server()
+    errors = []
+
+    def user(n):
+        try:
+            _, events = call(srv.url + "api/chat", {"conversation": None, "text": f"I am user {n}"})
+            conversation = events[0]["conversation"]
+            _, events = call(srv.url + "api/chat", {"conversation": conversation, "text": "Two please", "two": True})
+            status, _ = call(srv.url + "api/choose", {"conversation": conversation, "item_id": events[-1]["item_id"],
+                                                      "choice": n % 2, "labeler": f"user{n}"})
+            assert status == 200
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=user, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    items = {item["id"]: item for item in srv.store.items()}
+    labels = srv.store.labels()
+    assert len(items) == len(labels) == 4
+    for label in labels:
+        n = int(label["labeler"][4:])
+        assert items[label["item_id"]]["prompt"][0] == {"role": "user", "content": f"I am user {n}"}
+        assert label["ranking"][0] == n % 2
+
+
 def test_chat_needs_the_token_beyond_loopback(chat_server):
     srv = chat_server(host="0.0.0.0", port=0, token="s3cret")
     base = f"http://127.0.0.1:{srv.port}/"
@@ -188,7 +221,8 @@ def test_page_three_turns_one_comparison_trains_an_rm(chat_server, browser, tmp_
     prefs = tmp_path / "prefs.jsonl"
     assert export_store(srv.store, prefs)["rows"] == 2
     rows = [json.loads(line) for line in prefs.read_text().splitlines()]
-    assert rows[0]["prompt"] == f"<|user|>\nHello<eos><|assistant|>\n{first}<eos><|user|>\nTell me more<eos><|assistant|>\n"
+    assert rows[0]["prompt"] == (f"<|user|>\nHello<eos><|assistant|>\n{first}<eos>"
+                                 "<|user|>\nTell me more<eos><|assistant|>\n")
     assert (rows[0]["chosen"], rows[0]["rejected"]) == (shown[1] + "<eos>", shown[0] + "<eos>")
     cfg = tiny_config("rm", prefs, **{
         "model.init": "pretrained", "model.path": str(model_dir), "train.num_steps": 1, "optimizer.warmup_steps": 0,

@@ -18,8 +18,9 @@ temperature is an argument, so `/temp` does not recompile (greedy and sampling a
 programs). Attention reads every slot of the cache, so the cache grows with the
 conversation instead of starting at the full window: S is a power of two from 256 (capped
 at the window plus one prefill bucket), and a conversation that needs more slots moves to
-the next size (its slots copied; one more set of programs to compile). Tokens are drawn with the compiled sampler's `sample_token`; token t of a call
-uses `fold_in(key, t)`, as `sampling.generate` does.
+the next size (its slots copied; one more set of programs to compile). Tokens are drawn with
+the compiled sampler's `sample_token`; token t of a call uses `fold_in(key, t)`, as
+`sampling.generate` does.
 """
 
 from __future__ import annotations
