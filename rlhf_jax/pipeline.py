@@ -44,6 +44,7 @@ import numpy as np
 
 from rlhf_jax import eval_lm
 from rlhf_jax.best_of_n import best_of_n, rm_score_fn
+from rlhf_jax.chat.export import export_store
 from rlhf_jax.feedback import ComparisonStore
 from rlhf_jax.fileio import atomic_write_text
 from rlhf_jax.feedback.collect import collect_comparisons, generate_texts
@@ -104,15 +105,16 @@ def _last_export(workdir: Path, rounds: int) -> dict:
     return {"preference_pairs": counts.get("pairs"), "dropped_pairs": counts.get("dropped_pairs")}
 
 
-def _export_round(store: ComparisonStore, rd: Path) -> Path:
-    """The round's preference file: every comparison so far (the RM is retrained on all of them).
-    Once a stage has started on it, a rerun keeps it as it is (a resumed RM must see the data it
-    started on, not labels added since). Pairs the export drops are reported."""
+def _export_round(store: ComparisonStore, rd: Path, sft_model: Path | None = None) -> Path:
+    """The round's preference file: every comparison so far (the RM is retrained on all of them;
+    chat comparisons in the store are rendered with the chat template of the SFT model's
+    tokenizer). Once a stage has started on it, a rerun keeps it as it is (a resumed RM must see
+    the data it started on, not labels added since). Pairs the export drops are reported."""
     prefs = rd / "preferences.jsonl"
     if prefs.exists() and any((rd / name).exists() for name in ("rm", "dpo")):
         return prefs
     rd.mkdir(parents=True, exist_ok=True)
-    counts = store.export_preferences(prefs)
+    counts = export_store(store, prefs, model=sft_model)
     print(f"[rlhf] {rd.name}: {counts['labels']} labels -> {counts['pairs']} preference pairs in {prefs.name}"
           + (f"; {counts['dropped_pairs']} dropped (identical or empty responses)" if counts["dropped_pairs"] else "")
           + (f"; {counts['no_preference']} ties or skips" if counts["no_preference"] else ""))
@@ -334,7 +336,7 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
                               max_new_tokens=cfg.collect.max_new_tokens, temperature=cfg.collect.temperature,
                               seed=cfg.seed + rnd, batch_size=cfg.collect.batch_size, meta={"round": rnd})
     _label(cfg, task, store, ids)
-    prefs = _export_round(store, rd)
+    prefs = _export_round(store, rd, sft_model)
     rm_summary = {}
     if cfg.algorithm != "dpo":
         rm_summary = _stage(_with(cfg.rm, cfg, **{"data.path": str(prefs), "model.init": "pretrained",

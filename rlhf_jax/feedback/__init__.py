@@ -1,11 +1,13 @@
 """Comparison collection and labeling, independent of any model.
 
-- `store`: `ComparisonStore`, a crash-safe directory of items (a prompt and K responses)
-  and labels (choice, ranking, tie, skip), and `export_preferences` to the JSONL the
-  reward-model stage reads.
+- `store`: `ComparisonStore`, a crash-safe directory of items (a prompt, or a conversation,
+  and K responses) and labels (choice, ranking, tie, skip), and `export_preferences` to the
+  JSONL the reward-model stage reads.
 - `labelers`: simulated labelers driven by a programmatic gold score, and `label_store`.
-- `server`: the labeling web page (`python -m rlhf_jax.feedback.server --store DIR`). It is
-  not imported here so that running it with `-m` does not import it twice.
+- `server`: the labeling web page (`python -m rlhf_jax.feedback.server --store DIR`), and
+  with `--chat --model PATH` the chat page whose two-answer turns become comparisons
+  (`rlhf_jax.chat`). It is not imported here so that running it with `-m` does not import it
+  twice.
 """
 
 from rlhf_jax.feedback.labelers import (

@@ -16,9 +16,12 @@ Committed files are never rewritten, which is why readers can cache them by name
 
 Item::
 
-    {"id": str, "prompt": str, "responses": [str, ...  K >= 2], "meta": {...}}
+    {"id": str, "prompt": str | [{"role", "content"}, ...], "responses": [str, ...  K >= 2],
+     "meta": {...}}
 
-`meta` is free-form JSON (sampling round, policy checkpoint, temperature, ...).
+`meta` is free-form JSON (sampling round, policy checkpoint, temperature, ...). A list prompt
+is a conversation (a `messages` prompt: the turns a chat model answered, as
+`rlhf_jax.chat` stores them); exporting it needs a `render` that turns it into text.
 
 Label::
 
@@ -51,7 +54,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +101,10 @@ def validate_item(item: Any, where: str = "item") -> dict[str, Any]:
     if not isinstance(item_id, str) or not item_id.strip():
         raise ValueError(f"{where}.id: expected a non-empty string, got {item_id!r}")
     prompt = item.get("prompt")
-    if not isinstance(prompt, str):
-        raise ValueError(f"{where}.prompt: expected a string, got {type(prompt).__name__}")
+    if isinstance(prompt, list):
+        prompt = _check_messages(prompt, f"{where}.prompt")
+    elif not isinstance(prompt, str):
+        raise ValueError(f"{where}.prompt: expected a string or a list of messages, got {type(prompt).__name__}")
     responses = item.get("responses")
     if not isinstance(responses, (list, tuple)) or len(responses) < 2:
         raise ValueError(f"{where}.responses: expected a list of at least 2 strings")
@@ -115,6 +120,18 @@ def validate_item(item: Any, where: str = "item") -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}.meta: not JSON-serialisable ({e})") from None
     return {"id": item_id, "prompt": prompt, "responses": list(responses), "meta": meta}
+
+
+def _check_messages(messages: list, where: str) -> list[dict[str, str]]:
+    if not messages:
+        raise ValueError(f"{where}: the conversation is empty")
+    out = []
+    for i, m in enumerate(messages):
+        if (not isinstance(m, Mapping) or set(m) != {"role", "content"} or not isinstance(m["role"], str)
+                or not isinstance(m["content"], str)):
+            raise ValueError(f"{where}[{i}]: expected {{'role': str, 'content': str}}, got {m!r:.80}")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
 
 
 def normalize_ranking(kind: str, ranking: Any, num_responses: int) -> list[int] | None:
@@ -357,7 +374,8 @@ class ComparisonStore:
     # ---- export ----
 
     def export_preferences(self, out_path: str | os.PathLike[str], *, format: str = "pairs",
-                           include_ids: bool = False) -> dict[str, int]:
+                           include_ids: bool = False, render: Callable[[dict[str, Any]], tuple[str, list[str]]]
+                           | None = None) -> dict[str, int]:
         """Writes the preference data the reward-model stage reads, as JSONL; returns counts.
 
         One row format per file, because the reader detects the format from the columns:
@@ -379,6 +397,10 @@ class ComparisonStore:
         add order, then label time. `include_ids` adds "item_id" and "labeler" to every
         row. The file is replaced atomically.
 
+        An item with a conversation prompt is written as `render(item)` gives it: (prompt
+        text, the responses as rendered after it), e.g. `chat.template.comparison_renderer`
+        (the chat template the policy saw); without `render` such an item is an error.
+
         Returns {"labels": labels with a preference, "no_preference": ties and skips,
         "rows": rows written, "pairs": pairs they express, "dropped_pairs": pairs left out}.
         """
@@ -391,7 +413,7 @@ class ComparisonStore:
         lines = []
         for lb in labels:
             item = items[lb["item_id"]]
-            texts = item["responses"]
+            prompt, texts = _prompt_and_texts(item, render)
             asserted = preference_pairs(lb)
             if not asserted:
                 counts["no_preference"] += 1
@@ -403,9 +425,9 @@ class ComparisonStore:
             extra = {"item_id": item["id"], "labeler": lb["labeler"]} if include_ids else {}
             for ranked in rankings:
                 if format == "pairs":
-                    row = {"prompt": item["prompt"], "chosen": ranked[0], "rejected": ranked[1]}
+                    row = {"prompt": prompt, "chosen": ranked[0], "rejected": ranked[1]}
                 else:
-                    row = {"prompt": item["prompt"], "ranked": ranked}
+                    row = {"prompt": prompt, "ranked": ranked}
                 lines.append(json.dumps(row | extra, ensure_ascii=False))
                 counts["rows"] += 1
             written = sum(len(r) * (len(r) - 1) // 2 for r in rankings)
@@ -437,6 +459,21 @@ class ComparisonStore:
         return removed
 
 
+def _prompt_and_texts(item: dict[str, Any], render) -> tuple[str, list[str]]:
+    """An item's prompt and responses as text: as stored, or rendered for a conversation."""
+    if isinstance(item["prompt"], str):
+        return item["prompt"], item["responses"]
+    if render is None:
+        raise ValueError(f"item {item['id']!r} has a conversation prompt: export it with render= (e.g. "
+                         "rlhf_jax.chat.template.comparison_renderer(tokenizer)), or from the command line "
+                         "`python -m rlhf_jax.feedback.server --store DIR --export OUT --model PATH`")
+    prompt, texts = render(item)
+    if len(texts) != len(item["responses"]):
+        raise ValueError(f"render: gave {len(texts)} responses for item {item['id']!r}, which has "
+                         f"{len(item['responses'])}")
+    return prompt, list(texts)
+
+
 def _text_rankings(label: Mapping[str, Any], texts: Sequence[str]) -> list[list[str]]:
     """A label's preferences as rankings of distinct, non-empty texts, best first.
 
@@ -465,7 +502,8 @@ def _text_rankings(label: Mapping[str, Any], texts: Sequence[str]) -> list[list[
 
 def _copy_item(item: dict[str, Any]) -> dict[str, Any]:
     # Strings are immutable; only the containers need copying to protect the cache.
-    return {"id": item["id"], "prompt": item["prompt"], "responses": list(item["responses"]),
+    prompt = item["prompt"] if isinstance(item["prompt"], str) else [dict(m) for m in item["prompt"]]
+    return {"id": item["id"], "prompt": prompt, "responses": list(item["responses"]),
             "meta": copy.deepcopy(item["meta"])}
 
 
