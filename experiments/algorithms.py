@@ -22,7 +22,7 @@ QUICKSTART = Path(__file__).resolve().parent / "quickstart.py"
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, algorithms="ppo+rloo+grpo+best_of_n", rounds=1)
+    arg = parse_arg(arg, algorithms="ppo+rloo+grpo+dpo+best_of_n", rounds=1)
     c = ml_collections.ConfigDict()
     c.stage = "algorithms"
     c.algorithms = tuple(arg.algorithms.split("+"))
