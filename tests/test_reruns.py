@@ -110,3 +110,13 @@ def test_a_round_export_reports_dropped_pairs_and_is_kept_once_its_rm_started(tm
     extra = store.add_items([{"prompt": "p3", "responses": ["x", "y"]}])
     store.add_label(extra[0], "bob", "choice", ranking=[1, 0])
     assert _export_round(store, rd).read_text() == first  # a rerun keeps what the RM trains on
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_its_metrics_afresh(tmp_path):
+    from rlhf_jax.train.checkpoint import Checkpointer, resume
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "ppo/score": 5.0, "time/seconds": 40.0}\n')
+    ckpt = Checkpointer(tmp_path / "checkpoints", keep=1, async_save=False)
+    state, start = resume(ckpt, {"w": 1}, tmp_path)
+    ckpt.close()
+    assert start == 0 and read_metrics(tmp_path) == []  # no duplicate steps, no stale wall time

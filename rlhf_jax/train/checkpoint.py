@@ -67,4 +67,6 @@ def resume(ckpt: Checkpointer, state, workdir: Path, unit: str = "step"):
     if steps:
         raise ValueError(f"{Path(workdir) / 'checkpoints'}: no checkpoint can be restored into this run "
                          f"({'; '.join(problems)}); move the folder away to start afresh")
+    if jax.process_index() == 0:
+        drop_metrics_after(workdir, -1)  # a run killed before its first checkpoint starts afresh
     return state, 0
