@@ -54,7 +54,7 @@ def main(argv):
               f"(--overwrite runs it again)")
         return
     summary = RUNNERS[cfg.stage](cfg, workdir)
-    workdir_lib.finish(workdir)
+    workdir_lib.finish(cfg.to_dict(), workdir)
     if cfg.stage in ("rlhf", "algorithms", "eval"):
         return  # the pipeline and the evaluations print their own tables
     for k in sorted(k for k in summary if k.startswith(_PRINTED)):

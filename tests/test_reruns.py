@@ -73,7 +73,7 @@ def test_operational_fields_may_differ_and_a_failed_start_leaves_nothing_to_prot
     with pytest.raises(ValueError, match=r"optimizer.lr \(0.002 -> 0.001\)"):
         workdir_lib.begin(cfg, tmp_path)
     assert not workdir_lib.begin(dict(changed, train={"progress_bar": True}), tmp_path)  # resumes
-    workdir_lib.finish(tmp_path)
+    workdir_lib.finish(changed, tmp_path)
     assert workdir_lib.begin(changed, tmp_path)  # finished: nothing to do
 
 

@@ -17,8 +17,6 @@ import shutil
 import time
 from pathlib import Path
 
-import jax
-
 from rlhf_jax.fileio import atomic_write_text
 
 RUN_FILE = "run.json"
@@ -80,6 +78,12 @@ def _clear(workdir: Path) -> None:
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
+def _is_main(cfg_dict: dict) -> bool:
+    """Process 0 of a multi-process run, read from the config: this runs before
+    `jax.distributed.initialize`, which must come before anything touches a JAX backend."""
+    return int((cfg_dict.get("distributed") or {}).get("process_id", 0) or 0) == 0
+
+
 def begin(cfg_dict: dict, workdir: str | Path, overwrite: bool = False) -> bool:
     """Checks `workdir` against the config before anything is loaded; returns True when the
     same run already finished there (nothing to do). Raises ValueError naming the differing
@@ -99,7 +103,7 @@ def begin(cfg_dict: dict, workdir: str | Path, overwrite: bool = False) -> bool:
                              f"--workdir, or --overwrite to delete that run and start afresh")
         if not diff:
             return bool(record.get("finished"))
-    if jax.process_index() == 0:
+    if _is_main(cfg_dict):
         if overwrite and (path.exists() or (workdir / "config.json").exists()):
             # Only a directory that a run made is emptied, never one that merely exists.
             print(f"--overwrite: deleting the earlier run in {workdir}")
@@ -110,10 +114,10 @@ def begin(cfg_dict: dict, workdir: str | Path, overwrite: bool = False) -> bool:
     return False
 
 
-def finish(workdir: str | Path) -> None:
+def finish(cfg_dict: dict, workdir: str | Path) -> None:
     """Marks the run in `workdir` finished (a rerun with the same config then does nothing)."""
     path = Path(workdir) / RUN_FILE
-    if jax.process_index() != 0 or not path.exists():
+    if not _is_main(cfg_dict) or not path.exists():
         return
     record = json.loads(path.read_text())
     record["finished"] = time.time()
