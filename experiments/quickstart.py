@@ -1,4 +1,4 @@
-"""The whole RLHF pipeline on a built-in task, in under three minutes on 2 CPU cores.
+"""The whole RLHF pipeline on a built-in task, in about four minutes on 2 CPU cores.
 
     python -m rlhf_jax.main --config experiments/quickstart.py --workdir runs/quickstart
 
