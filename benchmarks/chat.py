@@ -28,27 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _threads_from_argv() -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--threads", type=int, default=1)
-    return pre.parse_known_args()[0].threads
-
-
-# XLA reads its flags when JAX starts, so the thread setting is applied before the import.
-if _threads_from_argv() == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+import _common  # noqa: E402  (before jax: the environment and the thread setting)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,7 +47,6 @@ from rlhf_jax.chat.engine import ChatModel  # noqa: E402
 from rlhf_jax.chat.session import ChatSession  # noqa: E402
 from rlhf_jax.models import ModelDef, count, load_model  # noqa: E402
 
-BEGIN, END = "<!-- chat:begin -->", "<!-- chat:end -->"
 QUESTIONS = [
     "Hello! Who are you?",
     "Write a short paragraph about Paris.",
@@ -150,13 +135,7 @@ def bench(model: ChatModel, args) -> dict[bool, dict]:
 
 
 def machine(load_avg: tuple[float, float]) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}); jax {jax.__version__} ({jax.default_backend()}), "
+    return (f"{_common.cpu_description()}; jax {jax.__version__} ({jax.default_backend()}), "
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; 1-minute load average {load_avg[0]:.1f} before / "
             f"{load_avg[1]:.1f} after the run")
 
@@ -172,18 +151,6 @@ def table(rows) -> str:
                          f"| {r['decode']:,.0f} | {r['e2e']:,.0f} | {r['prefilled']:,} / {r['prompt']:,} "
                          f"| {r['tokens']} | {r['wall']:.2f} |")
     return "\n".join(lines)
-
-
-def write_section(path: Path, body: str):
-    """Replaces this benchmark's section of BENCHMARKS.md (creating the file if needed)."""
-    section = f"{BEGIN}\n{body}\n{END}"
-    header = "# Benchmarks\n\nMeasured numbers only; each section says how to reproduce it.\n"
-    text = path.read_text() if path.exists() else header
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv=None):
@@ -228,7 +195,7 @@ def main(argv=None):
             "",
             md,
         ])
-        write_section(Path(args.output), body)
+        _common.write_section(Path(args.output), "chat", body)
         print(f"wrote {args.output}")
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
@@ -28,19 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def _threads_from_argv() -> int:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--threads", type=int, default=1)
-    return pre.parse_known_args()[0].threads
-
-
-# XLA reads its flags when JAX starts, so the thread setting is applied before the import.
-if _threads_from_argv() == 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+import _common  # noqa: E402  (before jax: the environment and the thread setting)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -54,8 +40,6 @@ from rlhf_jax import sharding  # noqa: E402
 from rlhf_jax.models import load_pretrained  # noqa: E402
 from rlhf_jax.models import ModelDef, count  # noqa: E402
 from rlhf_jax.sampling import SamplingConfig, make_generate  # noqa: E402
-
-BEGIN, END = "<!-- generation:begin -->", "<!-- generation:end -->"
 
 
 def parse_args(argv=None):
@@ -145,13 +129,7 @@ def bench_one(args, batch: int, hf_model, model_def, params, mesh):
 
 
 def machine(load: tuple[float, ...]) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-        cpu = names[0].strip() if names else cpu
-    except OSError:
-        pass
-    return (f"{os.cpu_count()} CPU cores ({cpu}); jax {jax.__version__} ({jax.default_backend()}), "
+    return (f"{_common.cpu_description()}; jax {jax.__version__} ({jax.default_backend()}), "
             f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, transformers {transformers.__version__}; "
             f"1-minute load average {load[0]:.1f} before / {load[1]:.1f} after the run")
@@ -166,18 +144,6 @@ def table(args, n_params: int, rows) -> str:
         lines.append(f"| {name} | {n_params / 1e6:.2f}M | {r['batch']} | {args.prompt_len} | {args.new_tokens} "
                      f"| {r['ours']:,.0f} | {r['hf']:,.0f} | {r['ours'] / r['hf']:.1f}× | {r['same']:.0%} |")
     return "\n".join(lines)
-
-
-def write_section(path: Path, body: str):
-    """Replaces this benchmark's section of BENCHMARKS.md (creating the file if needed)."""
-    section = f"{BEGIN}\n{body}\n{END}"
-    header = "# Benchmarks\n\nMeasured numbers only; each section says how to reproduce it.\n"
-    text = path.read_text() if path.exists() else header
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 def main(argv=None):
@@ -228,7 +194,7 @@ def main(argv=None):
             "",
             md,
         ])
-        write_section(Path(args.output), body)
+        _common.write_section(Path(args.output), "generation", body)
         print(f"wrote {args.output}")
 
 
