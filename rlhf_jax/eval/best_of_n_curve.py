@@ -99,11 +99,7 @@ def plot(points: list[dict], out: Path, title: str) -> Path:
         ax.set_ylabel("score of the best of n")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return common.save_figure(fig, out, title)
 
 
 def run(cfg, workdir: Path) -> tuple[dict, str]:

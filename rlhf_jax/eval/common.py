@@ -364,3 +364,12 @@ def matplotlib_pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out: Path, title: str) -> Path:
+    """Titles, lays out, writes (PNG, 100 dpi) and closes an evaluation's figure."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    matplotlib_pyplot().close(fig)
+    return out
