@@ -77,14 +77,6 @@ def command(config: str, workdir: Path, overrides: dict, fixed: dict | None = No
             *(f"--config.{k}={v}" for k, v in {**(fixed or {}), **overrides}.items())]
 
 
-def finished(workdir: Path) -> bool:
-    path = workdir / workdir_lib.RUN_FILE
-    try:
-        return bool(json.loads(path.read_text()).get("finished"))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
 def _scalars(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -181,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, o in enumerate(overrides):
             run_dir = workdir / run_name(o)
             cmd = command(args.config, run_dir, o, fixed)
-            if finished(run_dir):
+            if workdir_lib.finished(run_dir):
                 if not args.print:
                     print(f"[sweep] {i + 1}/{len(overrides)} {run_dir.name}: finished, skipped")
                 continue

@@ -114,6 +114,14 @@ def begin(cfg_dict: dict, workdir: str | Path, overwrite: bool = False) -> bool:
     return False
 
 
+def finished(workdir: str | Path) -> bool:
+    """Whether `workdir` holds a run that finished (its run.json says so)."""
+    try:
+        return bool(json.loads((Path(workdir) / RUN_FILE).read_text()).get("finished"))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def finish(cfg_dict: dict, workdir: str | Path) -> None:
     """Marks the run in `workdir` finished (a rerun with the same config then does nothing)."""
     path = Path(workdir) / RUN_FILE
