@@ -55,7 +55,8 @@ def get_config(arg=None):
     if arg.kind in _SAMPLED:
         d.format = "auto"  # any prompt format: prompt, messages, alpaca, or a preference file's prompts
         d.max_prompt_length = 64  # tokens the policy sees, cut from the left
-        c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0))
+        c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=64, temperature=0.7, top_k=0, top_p=1.0,
+                                                    extra_stop_token_ids=()))  # tokens besides EOS that end a response
         e.num_prompts = 0  # 0 = every prompt of data.path (a task's prompts: 256)
         if arg.kind != "best_of_n":  # best-of-n draws max(eval.ns) per prompt
             e.num_samples = 1  # responses per prompt

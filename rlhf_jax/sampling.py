@@ -105,6 +105,25 @@ class Samples:
     num_steps: jax.Array
 
 
+def response_text(tokenizer, tokens, length: int, stopped: bool) -> str:
+    """The text of one sampled response: its `length` tokens without the stop token that
+    ended it (EOS or an extra stop token such as a newline), special tokens dropped. What a
+    labeler reads, what an RM is trained and scored on; `rm_input_ids` does the same to ids."""
+    n = int(length) - int(bool(stopped))
+    return tokenizer.decode(list(np.asarray(tokens)[:max(n, 0)]), skip_special_tokens=True)
+
+
+def rm_input_ids(ids_BT: jax.Array, q: int, stop_ids: tuple[int, ...], eos_id: int) -> jax.Array:
+    """Prompt+response ids [B, T] (response from column `q`) with a response's extra stop
+    token replaced by EOS: an RM trained on text + [EOS] (`data.encode_prompt_response`) then
+    scores a response stopped by, say, a newline exactly as it scores its text."""
+    if not stop_ids:
+        return ids_BT
+    is_stop = jnp.any(ids_BT[..., None] == jnp.asarray(stop_ids, ids_BT.dtype), axis=-1)
+    in_response = jnp.arange(ids_BT.shape[1]) >= q
+    return jnp.where(is_stop & in_response[None, :], jnp.asarray(eos_id, ids_BT.dtype), ids_BT)
+
+
 def rollout_key(base_key: jax.Array | int, step: int | jax.Array) -> jax.Array:
     """The key of sampler call `step` (batch j of `generate_texts`, `collect_comparisons`,
     best-of-n): the "sample" stream of `base_key` (`rlhf_jax.rng`).

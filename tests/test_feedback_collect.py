@@ -210,3 +210,16 @@ def test_full_cycle_store_rm_labels_export_preference_dataset(collected, rm_labe
     assert counts["pairs"] == counts["rows"] > 0
     ds = preference_dataset(out, str(rm_dir), max_length=32)
     assert ds.num_pairs() == counts["pairs"]
+
+
+def test_an_extra_stop_token_ends_a_response_and_is_not_part_of_its_text(policy_pair, tmp_path):
+    store = ComparisonStore(tmp_path / "stops")
+    space = policy_pair[1].encode(" ", add_special_tokens=False)[0]
+    collect_comparisons(store, policy_pair, PROMPTS, seed=0, meta={"round": 1}, extra_stop_token_ids=(space,),
+                        **COLLECT)
+    items = store.items()
+    assert all(it["meta"]["extra_stop_token_ids"] == [space] for it in items)
+    responses = [r for it in items for r in it["responses"]]
+    assert not any(" " in r for r in responses)  # the first space ended each response, and was left out
+    stopped = [(s, n) for it in items for s, n in zip(it["meta"]["stopped"], it["meta"]["num_tokens"])]
+    assert any(s and n < COLLECT["max_new_tokens"] for s, n in stopped)

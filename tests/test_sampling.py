@@ -293,3 +293,19 @@ def test_config_validation_and_errors(tiny, gen):
         fn(params, ids, empty, jax.random.key(0))
     with pytest.raises(ValueError, match="divisible"):
         gen(SHARDED_CONFIG, sharding.make_mesh(data=8))(params, ids[:4], mask[:4], jax.random.key(0))
+
+
+def test_a_response_text_leaves_out_its_stop_token_and_the_rm_reads_an_extra_stop_as_eos():
+    from rlhf_jax.data import load_tokenizer
+    from rlhf_jax.sampling import response_text, rm_input_ids
+
+    tok = load_tokenizer("byte")
+    nl, eos, pad = 10, tok.eos_token_id, tok.pad_token_id
+    h, i = tok.encode("hi", add_special_tokens=False)
+    assert response_text(tok, [h, i, nl, pad], 3, True) == "hi"  # stopped by a newline
+    assert response_text(tok, [h, i, eos, pad], 3, True) == "hi"  # by EOS
+    assert response_text(tok, [h, i, nl], 3, False) == "hi\n"  # ran to max_new_tokens: all of it is text
+    ids = jax.numpy.asarray([[nl, h, i, nl, pad], [h, nl, i, i, eos]], np.int32)
+    out = np.asarray(rm_input_ids(ids, 2, (nl,), eos))
+    np.testing.assert_array_equal(out, [[nl, h, i, eos, pad], [h, nl, i, i, eos]])  # the prompt's newlines stay
+    assert rm_input_ids(ids, 2, (), eos) is ids

@@ -24,7 +24,7 @@ from rlhf_jax.models import ModelDef, cached_program, load_model, to_host
 from rlhf_jax.ppo.step import response_logprobs_and_hidden
 from rlhf_jax.reward_functions import load_reward_function
 from rlhf_jax.reward_model import RMScorer
-from rlhf_jax.sampling import SamplingConfig, make_generate, rollout_key
+from rlhf_jax.sampling import SamplingConfig, make_generate, response_text, rollout_key
 from rlhf_jax.tasks import TASKS, get_task
 
 ScoreFn = Callable[[Sequence[str], Sequence[str]], np.ndarray]  # (prompts, responses) -> scores [N]
@@ -91,7 +91,15 @@ def sampling_config(cfg, tokenizer, *, need_temperature: bool) -> SamplingConfig
     check(s.top_k >= 0, "sampling.top_k", s.top_k, "must be >= 0 (0 = off)")
     check(0 < s.top_p <= 1, "sampling.top_p", s.top_p, "must be in (0, 1] (1 = off)")
     return SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=int(s.max_new_tokens),
-                                        temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p))
+                                        temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+                                        extra_stop_token_ids=extra_stop_token_ids(cfg))
+
+
+def extra_stop_token_ids(cfg) -> tuple[int, ...]:
+    """`sampling.extra_stop_token_ids`: tokens besides EOS that end a response (none if unset)."""
+    ids = tuple(int(i) for i in cfg.sampling.get("extra_stop_token_ids", ()))
+    check(all(i >= 0 for i in ids), "sampling.extra_stop_token_ids", ids, "must be token ids (>= 0)")
+    return ids
 
 
 def generate_kwargs(cfg) -> dict:
@@ -99,7 +107,8 @@ def generate_kwargs(cfg) -> dict:
     s = cfg.sampling
     return dict(max_new_tokens=int(s.max_new_tokens), temperature=float(s.temperature), top_k=int(s.top_k),
                 top_p=float(s.top_p), batch_size=positive_int(cfg, "eval.batch_size"),
-                max_prompt_length=positive_int(cfg, "data.max_prompt_length"))
+                max_prompt_length=positive_int(cfg, "data.max_prompt_length"),
+                extra_stop_token_ids=extra_stop_token_ids(cfg))
 
 
 # ----------------------------------------------------------------------------- judges
@@ -289,7 +298,7 @@ def sample(policy: Policy, prompts_: Sequence[str], sampling: SamplingConfig, *,
         r_ids, r_mask, lp, ln, st = (to_host(x) for x in (out.tokens, out.mask, out.logprobs, out.lengths,
                                                            out.stopped))
         for i in range(n):
-            texts.append(tok.decode(r_ids[i, :ln[i]], skip_special_tokens=True))
+            texts.append(response_text(tok, r_ids[i], ln[i], st[i]))
             logprobs.append(lp[i, :ln[i]])
         lengths += ln[:n].tolist()
         stopped += st[:n].tolist()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -21,7 +21,7 @@ from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.feedback.store import ComparisonStore
 from rlhf_jax.models import ModelDef, cached_program, load_model, load_tokenizer_of, model_mesh, to_host
 from rlhf_jax.models.load import resolve
-from rlhf_jax.sampling import SamplingConfig, make_generate, rollout_key
+from rlhf_jax.sampling import SamplingConfig, make_generate, response_text, rollout_key
 
 __all__ = ["SETTINGS_KEYS", "collect_comparisons", "generate_texts", "item_id"]
 
@@ -124,7 +124,8 @@ def _rows(prompts: list[int], per_batch: int, k: int) -> list[int]:
 def collect_comparisons(store: ComparisonStore, policy: Any, prompts: Any, *, num_responses: int = 2,
                         max_new_tokens: int = 32, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                         seed: int = 0, batch_size: int = 32, max_prompt_length: int = 64,
-                        meta: Mapping[str, Any] | None = None, mesh: Mesh | None = None) -> list[str]:
+                        meta: Mapping[str, Any] | None = None, mesh: Mesh | None = None,
+                        extra_stop_token_ids: Sequence[int] = ()) -> list[str]:
     """Samples `num_responses` responses per prompt from `policy` into `store`; returns the
     ids of every prompt's item, in prompt order (new ones and those already there).
 
@@ -132,8 +133,9 @@ def collect_comparisons(store: ComparisonStore, policy: Any, prompts: Any, *, nu
     `data.prompt_dataset` reads, or a list of prompt strings used verbatim. `batch_size`:
     sequences per sampler call, rounded to whole groups of K that the mesh's batch shards
     divide. `meta`: extra JSON fields of every item (e.g. {"round": 2}, which also goes
-    into the ids). Each item's meta also records the settings, `prompt_index`,
-    `prompt_truncated`, and per response `stopped` and `num_tokens`.
+    into the ids). `extra_stop_token_ids`: tokens besides EOS that end a response (e.g. a
+    newline; the stop token is not part of the text). Each item's meta also records the
+    settings, `prompt_index`, `prompt_truncated`, and per response `stopped` and `num_tokens`.
     """
     user_meta = dict(meta or {})
     _check_args(num_responses, batch_size, user_meta)
@@ -143,6 +145,9 @@ def collect_comparisons(store: ComparisonStore, policy: Any, prompts: Any, *, nu
     settings = {"policy": _policy_source(policy, user_meta), "seed": int(seed), "temperature": float(temperature),
                 "top_k": int(top_k), "top_p": float(top_p), "max_new_tokens": int(max_new_tokens),
                 "num_responses": k, "max_prompt_length": int(max_prompt_length)}
+    stops = sorted({int(i) for i in extra_stop_token_ids})
+    if stops:  # recorded only when set: items collected before the option existed still match
+        settings["extra_stop_token_ids"] = stops
     dataset = data_lib.prompt_dataset(_prompt_rows(prompts), tokenizer, max_prompt_length=int(max_prompt_length))
     seen = _seen_prompts(dataset, tokenizer)
     ids = [item_id(user_meta.get("round", 0), n, text) for n, (text, _) in enumerate(seen)]
@@ -154,7 +159,7 @@ def collect_comparisons(store: ComparisonStore, policy: Any, prompts: Any, *, nu
         return ids
 
     sampling = SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_k=top_k, top_p=top_p)
+                                            top_k=top_k, top_p=top_p, extra_stop_token_ids=stops)
     generate, params, mesh = _generator(policy, mesh, sampling)
     per_batch = _prompts_per_batch(mesh, k, min(int(batch_size) // k, len(ids)))
     for j, start in enumerate(range(0, len(ids), per_batch)):
@@ -183,13 +188,14 @@ def _sample_rows(generate, params, dataset: data_lib.Dataset, tokenizer, rows: l
                                                 dataset.seq_len, dataset.pad_id)
     samples = generate(params, prompt_ids, prompt_mask, key)
     tokens, lengths, stopped = (to_host(x) for x in (samples.tokens, samples.lengths, samples.stopped))
-    texts = [tokenizer.decode(t[:m], skip_special_tokens=True) for t, m in zip(tokens, lengths)]
+    texts = [response_text(tokenizer, t, m, st) for t, m, st in zip(tokens, lengths, stopped)]
     return texts, lengths, stopped
 
 
 def generate_texts(policy: Any, prompts: Any, *, max_new_tokens: int = 32, temperature: float = 0.7,
                    top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 64,
-                   max_prompt_length: int = 64, mesh: Mesh | None = None, num_samples: int = 1) -> list[str]:
+                   max_prompt_length: int = 64, mesh: Mesh | None = None, num_samples: int = 1,
+                   extra_stop_token_ids: Sequence[int] = ()) -> list[str]:
     """`num_samples` sampled responses per prompt (decoded, special tokens dropped), prompt-major,
     e.g. to evaluate a policy with a gold scorer or for best-of-n. `policy` and `prompts` are
     as for `collect_comparisons`; `batch_size` counts sequences per sampler call."""
@@ -199,7 +205,7 @@ def generate_texts(policy: Any, prompts: Any, *, max_new_tokens: int = 32, tempe
     tokenizer = load_tokenizer_of(policy)
     dataset = data_lib.prompt_dataset(_prompt_rows(prompts), tokenizer, max_prompt_length=int(max_prompt_length))
     sampling = SamplingConfig.for_tokenizer(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_k=top_k, top_p=top_p)
+                                            top_k=top_k, top_p=top_p, extra_stop_token_ids=extra_stop_token_ids)
     generate, params, mesh = _generator(policy, mesh, sampling)
     per_batch = _prompts_per_batch(mesh, n_per, int(batch_size) // n_per)
     n = len(dataset)

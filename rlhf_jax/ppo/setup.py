@@ -213,6 +213,9 @@ def build(cfg, workdir, reward_functions: Sequence = ()) -> PPOSetup:
         raise ValueError(f"ppo.batch_size={p.batch_size} (sequences) is not divisible by "
                          f"ppo.samples_per_prompt={hp.samples_per_prompt}")
     models = load_models(cfg, rt, hp)
+    eos = models.tokenizer.eos_token_id
+    hp = dataclasses.replace(hp, eos_id=int(eos or 0), rm_stop_as_eos=tuple(
+        sorted({int(i) for i in cfg.sampling.extra_stop_token_ids} - {eos})) if eos is not None else ())
     fns = [reward_functions_lib.load_reward_function(f) for f in cfg.reward.functions if f] + list(reward_functions)
     weights = list(cfg.reward.function_weights) + [1.0] * (len(fns) - len(cfg.reward.function_weights))
     if models.rm_params is None and not fns:

@@ -23,6 +23,7 @@ import optax
 from rlhf_jax import reward_model, rng
 from rlhf_jax.models import ModelDef, Transformer
 from rlhf_jax.ppo import advantages as advantages_lib, core
+from rlhf_jax.sampling import rm_input_ids
 from rlhf_jax.sft import sft_loss, token_logprobs
 
 
@@ -50,6 +51,8 @@ class PPOHyperparams:
     samples_per_prompt: int = 1  # k; rows [g·k, (g+1)·k) of a rollout are prompt g's samples
     kl_in_reward: bool = True  # False: no KL in the reward, β · k3 KL loss term instead (GRPO)
     grpo_scale_by_std: bool = True  # False: Dr. GRPO (centre only)
+    rm_stop_as_eos: tuple[int, ...] = ()  # extra stop tokens the in-program RM reads as EOS
+    eos_id: int = 0
 
     @property
     def uses_critic(self) -> bool:
@@ -148,8 +151,10 @@ def score_rollout(defs: dict, ref_def: ModelDef, rm_def: ModelDef | None, hp: PP
     ref = ref_def.merge(ref_params)
     ref_logp, _, _ = response_logprobs_and_hidden(ref, ids_BT, mask_BT, q, hp.temperature)
     if rm_def is not None:
-        # The last real token of prompt+response is the stop token (or the last one sampled).
-        rm_scores = reward_model.scores(rm_def.merge(rm_params), ids_BT, mask_BT)
+        # The last real token of prompt+response is the stop token (or the last one sampled);
+        # an extra stop token (a newline, say) is read as the EOS the RM was trained with.
+        rm_ids_BT = rm_input_ids(ids_BT, q, hp.rm_stop_as_eos, hp.eos_id)
+        rm_scores = reward_model.scores(rm_def.merge(rm_params), rm_ids_BT, mask_BT)
     else:
         rm_scores = jnp.zeros(ids_BT.shape[0], jnp.float32)
     mask = response_mask.astype(jnp.float32)

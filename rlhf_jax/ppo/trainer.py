@@ -20,6 +20,7 @@ from rlhf_jax.models import count, save_pretrained, to_host
 from rlhf_jax.ppo import core
 from rlhf_jax.ppo.setup import PPOSetup, build
 from rlhf_jax.ppo.step import Rollout, ppo_rollout_key
+from rlhf_jax.sampling import response_text
 from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
 from rlhf_jax.train.logging import MetricWriter, read_metrics, write_json_atomic
@@ -29,8 +30,8 @@ def _texts(s: PPOSetup, index, samples) -> tuple[list[str], list[str]]:
     """The prompts (as written) and the decoded responses of a rollout batch."""
     idx = to_host(index)
     prompts = [s.prompts.examples[i].prompt if i >= 0 else "" for i in idx.tolist()]
-    toks, lens = to_host(samples.tokens), to_host(samples.lengths)
-    return prompts, [s.models.tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(toks, lens)]
+    toks, lens, stopped = to_host(samples.tokens), to_host(samples.lengths), to_host(samples.stopped)
+    return prompts, [response_text(s.models.tokenizer, t, n, st) for t, n, st in zip(toks, lens, stopped)]
 
 
 def rollout(s: PPOSetup, batch: dict, it: int, want_text: bool):
