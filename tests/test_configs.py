@@ -25,7 +25,7 @@ STAGES = {"configs/common.py": "sft", "configs/sft.py": "sft", "configs/rm.py": 
           "configs/ppo.py": "ppo", "configs/rloo.py": "ppo", "configs/grpo.py": "ppo", "configs/pretrain.py": "pretrain",
           "experiments/quickstart.py": "rlhf", "experiments/algorithms.py": "algorithms",
           "experiments/shakespeare_recipe.py": "rlhf", "experiments/sft_smollm2.py": "sft",
-          "experiments/rm_hh_smollm2.py": "rm", "configs/eval.py": "eval"}
+          "experiments/rm_hh_smollm2.py": "rm", "experiments/hh_loop_smollm2.py": "rlhf", "configs/eval.py": "eval"}
 
 
 def _name(path):

@@ -55,3 +55,22 @@ def test_dpo_rounds_train_on_the_comparisons(tmp_path):
     assert tax["DPO"]["demo_loss"] != tax["SFT"]["demo_loss"]
     assert (tmp_path / "round_1" / "dpo" / "model" / "model.safetensors").exists()
     assert not (tmp_path / "round_1" / "rm").exists()  # online DPO trains on the comparisons, no RM
+
+
+def test_the_comparison_has_one_summary_and_one_seed(tmp_path):
+    """experiments/algorithms.py's seed is every run's, and its summary.json names each number's
+    algorithm (what a sweep over seeds gathers)."""
+    import json
+
+    from rlhf_jax.pipeline import run_algorithms
+
+    cfg = load_config(ROOT / "experiments" / "algorithms.py", "algorithms=best_of_n")
+    cfg.seed = 3
+    cfg.runs.best_of_n.mesh.num_devices = 1
+    cfg.runs.best_of_n.update_from_flattened_dict(SMALL)
+    rows = run_algorithms(cfg, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["algorithms"] == ["best_of_n"] and summary["gold_score_sft"] == rows[0]["gold_score_sft"]
+    assert summary["best_of_n/gold_score_policy"] == rows[0]["gold_score_policy"]
+    assert summary["best_of_n/kl_to_sft"] == rows[0]["kl_to_sft"] and "best_of_n/win_rate_vs_sft" in summary
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 3
