@@ -39,7 +39,7 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.checkpoint_every = 50
     if arg.variant == "smollm2":
-        # Sized for 2 CPU cores (about an hour): 150 steps of 8 pairs, the last user turn and
+        # Sized for 2 CPU cores (about half an hour): 150 steps of 8 pairs, the last user turn and
         # the response kept (prompts are cut from the left), the top 4 of 30 layers trained.
         c.model.init = "gguf"
         c.data.max_length = 160
