@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from rlhf_jax.fileio import atomic_write_text
+from rlhf_jax.train import cluster as cluster_lib
 
 RUN_FILE = "run.json"
 # Dotted field names (or prefixes ending in '.') that may differ between a run and its resumption.
@@ -79,9 +80,14 @@ def _clear(workdir: Path) -> None:
 
 
 def _is_main(cfg_dict: dict) -> bool:
-    """Process 0 of a multi-process run, read from the config: this runs before
-    `jax.distributed.initialize`, which must come before anything touches a JAX backend."""
-    return int((cfg_dict.get("distributed") or {}).get("process_id", 0) or 0) == 0
+    """Process 0 of a multi-process run, read from the config, or with `num_processes=0` from the
+    launcher's environment: this runs before `jax.distributed.initialize`, which must come before
+    anything touches a JAX backend."""
+    dist = cfg_dict.get("distributed") or {}
+    if cluster_lib.requested_processes(dist) == cluster_lib.AUTO:
+        info = cluster_lib.current_cluster()
+        return info is None or info.process_id == 0
+    return int(dist.get("process_id", 0) or 0) == 0
 
 
 def begin(cfg_dict: dict, workdir: str | Path, overwrite: bool = False) -> bool:
