@@ -57,6 +57,11 @@ def get_config(arg=None):
     # InstructGPT) or 'per_pair'; the same for pairs (K=2).
     c.rm = ml_collections.ConfigDict(dict(max_responses=16, max_pairs=16, center_rewards_coef=0.0, normalize=True,
                                           pair_weighting="per_prompt"))
+    # num_processes: 1 = a single process; N > 1 = this is process `process_id` of N, process 0
+    # serving at `coordinator_address`; 0 = every process runs the same command under a cluster
+    # launcher (SLURM's srun, Open MPI's mpirun, a Cloud TPU pod slice) and JAX reads the count,
+    # this process's index and the coordinator from its environment (rlhf_jax/train/cluster.py;
+    # with no launcher, a single process).
     c.distributed = ml_collections.ConfigDict(dict(num_processes=1, process_id=0,
                                                    coordinator_address="localhost:12355"))
     return c
