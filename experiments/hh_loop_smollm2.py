@@ -15,6 +15,30 @@ not part of the response text, and PPO's RM reads it as the EOS its data had), s
 are one paragraph, as the assistant turns of HH mostly are. Responses that still run to
 `max_new_tokens` score PPO's missing-EOS penalty.
 
+What it printed (seed 0, at e9bb660, 31 minutes on 2 CPU cores; the gold RM is the one
+measured in experiments/rm_hh_smollm2.py's docstring): 64 prompts × 2 responses, 74% of them
+ended within 48 tokens; 50 preference pairs (14 dropped: empty or identical responses); PPO
+24 iterations × 16 prompts, 946 s; on the 64 held-out prompts
+
+| policy | gold RM score | win rate against SFT (gold) | KL to SFT (nats) |
+|---|---:|---:|---:|
+| SmolLM2-135M-Instruct | +0.578 | | 0 |
+| PPO | +1.028 | 0.703 (95% CI 0.582-0.801) | 1.70 |
+
+and the over-optimisation curve (overoptimisation/, 32 of those prompts):
+
+| PPO iteration | KL (k1) | proxy RM | gold RM | length |
+|---:|---:|---:|---:|---:|
+| 0 | 0.000 | -0.207 | 0.735 | 21.1 |
+| 6 | 0.479 | -0.084 | 0.722 | 23.6 |
+| 12 | 0.817 | -0.327 | 0.435 | 24.2 |
+| 18 | 1.941 | 0.332 | 1.146 | 13.5 |
+| 24 | 2.578 | 0.263 | 1.118 | 9.7 |
+
+(best-of-1/2/4 by the proxy: gold 0.629 / 0.930 / 1.187 at analytic KL 0 / 0.19 / 0.64). PPO
+learned shorter responses, many empty, which both RMs score well (HH-harmless labelers often
+preferred the assistant saying less): proxy and gold still agree at this KL.
+
 The defaults are sized for 2 CPU cores; every size is a field (collect.num_prompts,
 ppo.ppo.num_updates, ppo.ppo.batch_size, rm.train.num_epochs, data.num_eval_prompts,
 ppo.train.trainable, …). The held-out prompts are the last `data.num_eval_prompts` of the
