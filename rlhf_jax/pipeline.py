@@ -191,13 +191,18 @@ def gold_spec(cfg, task) -> str:
                 else ""))
 
 
-def _gold_judge(cfg, task) -> eval_common.Judge | None:
-    spec = gold_spec(cfg, task)
+def _rm_max_length(cfg) -> int:
+    """Tokens an RM judge reads: `eval.rm_max_length`, 0 = the pipeline's RM stage's max_length."""
+    return int(cfg.eval.get("rm_max_length", 0) or cfg.rm.data.max_length)
+
+
+def _gold_judge(cfg, spec: str) -> eval_common.Judge | None:
+    """The judge of `gold_spec` (None for '')."""
     if not spec:
         return None
     judge_cfg = ml_collections.ConfigDict(dict(eval=dict(
         gold=spec, batch_size=int(cfg.eval.batch_size),
-        rm_max_length=int(cfg.eval.get("rm_max_length", 0) or cfg.rm.data.max_length)), mesh=cfg.mesh.to_dict()))
+        rm_max_length=_rm_max_length(cfg)), mesh=cfg.mesh.to_dict()))
     return eval_common.gold_judge(judge_cfg, eval_common.make_mesh(judge_cfg))
 
 
@@ -405,11 +410,8 @@ def _round(cfg, rnd: int, workdir: Path, store: ComparisonStore, task, policy: P
     rd = workdir / f"round_{rnd}"
     start = (rnd - 1) * cfg.collect.num_prompts % max(len(train_prompts), 1)
     round_prompts = [train_prompts[(start + i) % len(train_prompts)] for i in range(cfg.collect.num_prompts)]
-    c = cfg.collect
-    ids = collect_comparisons(store, policy, round_prompts, num_responses=c.num_responses,
-                              max_new_tokens=c.max_new_tokens, temperature=c.temperature, seed=cfg.seed + rnd,
-                              batch_size=c.batch_size, max_prompt_length=int(c.get("max_prompt_length", 64)),
-                              extra_stop_token_ids=tuple(c.get("extra_stop_token_ids", ())), meta={"round": rnd})
+    ids = collect_comparisons(store, policy, round_prompts, num_responses=cfg.collect.num_responses,
+                              seed=cfg.seed + rnd, meta={"round": rnd}, **_sampling(cfg.collect))
     _label(cfg, task, store, ids)
     prefs = _export_round(store, rd, sft_model)
     rm_summary = {}
@@ -530,21 +532,21 @@ def _win_rate(policy_scores, sft_scores) -> dict:
 def _overoptimisation(cfg, workdir: Path, step_dir: Path, sft_model: Path, spec: str, prompts: list[str]) -> dict:
     """`eval.overoptimisation`: gold and proxy score against √KL over best-of-n from the SFT policy
     and the policy-gradient run's checkpoints (rlhf_jax/eval/overoptimisation.py), in
-    workdir/overoptimisation/; its summary, {} when already done."""
+    workdir/overoptimisation/; its summary (read back when that evaluation already finished)."""
     out = workdir / "overoptimisation"
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
     prompts_file = _write_jsonl(workdir / "data" / "eval_prompts.jsonl", [{"prompt": p} for p in prompts])
-    e = cfg.eval
+    e, s = cfg.eval, _sampling(cfg.eval)
     ecfg = ml_collections.ConfigDict(dict(
         stage="eval", seed=int(cfg.seed), model=dict(init="pretrained", path=str(sft_model)), mesh=cfg.mesh.to_dict(),
         data=dict(path=str(prompts_file), format="prompt", on_bad_row="error",
-                  max_prompt_length=int(e.get("max_prompt_length", 64))),
-        sampling=dict(max_new_tokens=int(e.max_new_tokens), temperature=float(e.temperature), top_k=0, top_p=1.0,
-                      extra_stop_token_ids=tuple(e.get("extra_stop_token_ids", ()))),
-        eval=dict(kind="overoptimisation", batch_size=int(e.batch_size),
+                  max_prompt_length=s["max_prompt_length"]),
+        sampling=dict(max_new_tokens=s["max_new_tokens"], temperature=s["temperature"], top_k=0, top_p=1.0,
+                      extra_stop_token_ids=s["extra_stop_token_ids"]),
+        eval=dict(kind="overoptimisation", batch_size=s["batch_size"],
                   num_prompts=int(e.get("overoptimisation_prompts", 0)), num_samples=1,
-                  rm_path="", rm_max_length=int(e.get("rm_max_length", 0) or cfg.rm.data.max_length), gold=spec,
+                  rm_path="", rm_max_length=_rm_max_length(cfg), gold=spec,
                   ns=tuple(int(n) for n in e.get("overoptimisation_ns", (1, 2, 4, 8))), run_dir=str(step_dir),
                   steps=())))
     return eval_lib.run(ecfg, out)
@@ -604,21 +606,24 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
                                             **_ptx_fields(cfg, workdir))
         models[f"{name}-ptx"] = ptx_dir / "model"
 
-    gold = _gold_judge(cfg, task)
+    spec = gold_spec(cfg, task)
+    gold = _gold_judge(cfg, spec)
     print(f"[rlhf] evaluating the SFT and {alg} policies with the gold scorer "
           f"{gold.name if gold else '(none: set eval.gold)'} ...")
-    scores_sft = gold_eval(gold, sft_model, eval_prompts, cfg.eval, cfg.seed) if gold else None
     bon = None
-    if alg == "best_of_n":
+    if alg == "best_of_n":  # sampled even without a gold scorer: its KL metrics
         scores, bon, seconds = _best_of_n_eval(cfg, gold, workdir, sft_model, eval_prompts)
         policy_seconds += seconds
-    else:
-        scores = gold_eval(gold, policy, eval_prompts, cfg.eval, cfg.seed) if gold else None
-    gold_sft = float(np.mean(scores_sft)) if gold else None
-    gold_policy = float(np.mean(scores)) if gold else None
-    policy_name = name if alg != "best_of_n" else f"best-of-{cfg.best_of_n.n}"
-    gold_scores = {"SFT": gold_sft, policy_name: gold_policy} if gold else {}
-    extra = _win_rate(scores, scores_sft) if gold else {}
+    gold_sft = gold_policy = None
+    gold_scores, extra = {}, {}
+    if gold:
+        scores_sft = gold_eval(gold, sft_model, eval_prompts, cfg.eval, cfg.seed)
+        if alg != "best_of_n":
+            scores = gold_eval(gold, policy, eval_prompts, cfg.eval, cfg.seed)
+        gold_sft, gold_policy = float(np.mean(scores_sft)), float(np.mean(scores))
+        policy_name = name if alg != "best_of_n" else f"best-of-{cfg.best_of_n.n}"
+        gold_scores = {"SFT": gold_sft, policy_name: gold_policy}
+        extra = _win_rate(scores, scores_sft)
     if ptx_summary is not None:
         if gold:
             gold_scores[f"{name}-ptx"] = extra["gold_score_ptx"] = float(np.mean(
@@ -627,7 +632,7 @@ def run_rlhf(cfg: ml_collections.ConfigDict, workdir: str | Path) -> dict:
         extra.update(ptx_loss_last=ptx_summary.get("ppo/ptx_loss"), ptx_seconds=ptx_seconds)
     if cfg.eval.get("overoptimisation", False) and alg in _ADVANTAGE and gold:
         print("[rlhf] over-optimisation: gold and proxy score against sqrt(KL) ...")
-        over = _overoptimisation(cfg, workdir, step_dir, sft_model, gold_spec(cfg, task), eval_prompts)
+        over = _overoptimisation(cfg, workdir, step_dir, sft_model, spec, eval_prompts)
         extra["overoptimisation_plot"] = over.get("plot")
     print("[rlhf] held-out LM loss of every model (the alignment tax) ...")
     tax = alignment_tax(cfg, models, demos)

@@ -31,3 +31,13 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} is absent: this test reads the project's shared real data")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """A mesh of one of the fake devices, for tests that load and run a model unsharded."""
+    import jax
+
+    from rlhf_jax import sharding
+
+    return sharding.make_mesh(devices=jax.devices()[:1])

@@ -16,7 +16,6 @@ import numpy as np
 import optax
 import pytest
 
-from rlhf_jax import sharding
 from rlhf_jax.best_of_n import best_of_n, rm_score_fn
 from rlhf_jax.config_lib import load_config
 from rlhf_jax.data import BadRowError, preference_dataset
@@ -39,11 +38,6 @@ CANDIDATES = [" yes", " no", " maybe so", " perhaps not", " it depends", " sure 
 
 def a_count(prompts, responses):
     return [float(r.count("a")) for r in responses]
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")

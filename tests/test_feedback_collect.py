@@ -6,13 +6,11 @@ per prompt into a store, determinism and re-runs, `RMLabeler` against RM scores 
 directly, and the whole cycle store -> labels -> export -> `preference_dataset`.
 """
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 from test_train_loop import WORDS, data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
 
-from rlhf_jax import sharding
 from rlhf_jax.data import left_pad, load_tokenizer, preference_dataset
 from rlhf_jax.feedback import ComparisonStore, label_store
 from rlhf_jax.feedback.collect import collect_comparisons
@@ -27,11 +25,6 @@ PROMPTS = [f"say {WORDS[i % len(WORDS)]} {i % 7}:" for i in range(5)]
 COLLECT = dict(num_responses=K, max_new_tokens=8, temperature=1.0, batch_size=6, max_prompt_length=16)
 # No checkpoints, evaluation or tensorboard: the fixtures only need the final model dir.
 FAST = {"train.checkpoint_every": 0, "train.eval_every": 0, "train.tensorboard": False, "data.eval_fraction": 0.0}
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from rlhf_jax import reward_model, sharding  # noqa: E402
+from rlhf_jax import reward_model  # noqa: E402
 from rlhf_jax.data import left_pad  # noqa: E402
 from rlhf_jax.models import ModelDef, load_model, load_pretrained, save_pretrained  # noqa: E402
 from rlhf_jax.models.checkpoints import SCORE_OFFSET_KEY, saved_heads  # noqa: E402
@@ -44,11 +44,6 @@ CONFIGS = {
                                             **COMMON),
 }
 LENGTHS = [9, 4, 7]
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 def _hf_classifier(name, path):

@@ -2,7 +2,6 @@
 follow the rules table (an overridden `batch` rule moves the jitted in-shardings and the fed
 arrays together)."""
 
-import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -14,11 +13,6 @@ from rlhf_jax.train.runtime import Runtime
 
 TINY = dict(model_type="llama", hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
             max_position_embeddings=64, tie_embeddings=True, rope_theta=10000.0)
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 def tiny_spec(**changes):

@@ -8,11 +8,9 @@ import logging
 import types
 from pathlib import Path
 
-import jax
 import pytest
 from test_train_loop import data_dir, tiny_config  # noqa: F401  (data_dir is a fixture)
 
-from rlhf_jax import sharding
 from rlhf_jax.config_lib import load_config
 from rlhf_jax.feedback.rm_labeler import RMLabeler
 from rlhf_jax.models import save_pretrained
@@ -25,11 +23,6 @@ MAX_LENGTH, MAX_PROMPT_LENGTH = 24, 10  # neither is a default anywhere
 FAST = {"train.checkpoint_every": 0, "train.eval_every": 0, "train.tensorboard": False, "data.eval_fraction": 0.0,
         "train.num_steps": 1, "optimizer.warmup_steps": 0, "model.tiny.num_layers": 1}
 LONG = ("say something about the weather today:", " it is sunny and warm with a light breeze from the west")
-
-
-@pytest.fixture(scope="module")
-def mesh():
-    return sharding.make_mesh(devices=jax.devices()[:1])
 
 
 @pytest.fixture(scope="module")
