@@ -242,9 +242,16 @@ def _check_labeler(cfg, task) -> None:
                          "labeler.kind='rm' (labeler.rm_path), 'function' (labeler.function) or 'human'")
     if kind == "rm" and not lab.get("rm_path"):
         raise ValueError("labeler.kind='rm' needs labeler.rm_path (an RM stage's workdir/model)")
+    if kind == "rm":
+        eval_common.model_path(lab.rm_path, "labeler.rm_path")
     if kind == "function" and not lab.get("function"):
         raise ValueError("labeler.kind='function' needs labeler.function ('package.module:function', "
                          "scores = f(prompts, responses))")
+    if kind == "function":
+        try:
+            load_reward_function(lab.function)
+        except ValueError as e:
+            raise ValueError(f"labeler.function={lab.function!r}: {e}") from None
 
 
 def _label(cfg, task, store: ComparisonStore, ids: list[str]) -> None:
@@ -520,6 +527,8 @@ def _check_sources(cfg, task, demos_possible: bool) -> None:
                          "the policy to start from (a model directory, a .gguf file or 'smollm2')")
     if demos_possible and _has_pretrain(cfg) and cfg.get("policy_path", ""):
         raise ValueError("policy_path and pretrain both give SFT its starting model: drop one")
+    if cfg.get("policy_path", "") not in ("", "smollm2"):
+        eval_common.model_path(cfg.policy_path, "policy_path")
 
 
 def _win_rate(policy_scores, sft_scores) -> dict:

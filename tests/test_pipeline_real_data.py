@@ -105,9 +105,14 @@ def test_a_policy_against_itself_wins_half_the_time():
     ({"labeler.function": ""}, "needs labeler.function"),
     ({"labeler.kind": "rm"}, "needs labeler.rm_path"),
     ({"data.sft_path": ""}, "no SFT data"),
+    ({"labeler.kind": "rm", "labeler.rm_path": "no/such/rm"}, "labeler.rm_path='no/such/rm': no config.json"),
+    ({"labeler.function": "no_such_module:score"}, "labeler.function='no_such_module:score': .*cannot be imported"),
+    ({"labeler.function": "user_gold:no_such_function"}, "labeler.function='user_gold:no_such_function'"),
+    ({"policy_path": "no/such/model.gguf"}, "policy_path='no/such/model.gguf': no such .gguf file"),
 ])
-def test_user_mistakes_are_named_before_any_stage_runs(files, tmp_path, fields, message):
-    with pytest.raises(ValueError, match=message):
+def test_user_mistakes_are_named_before_any_stage_runs(files, tmp_path, monkeypatch, fields, message):
+    monkeypatch.syspath_prepend(str(files))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
         run_rlhf(_config(files, **fields), tmp_path)
     assert not (tmp_path / "sft").exists()
 
