@@ -427,7 +427,6 @@ def worker_trl_sft(spec: dict) -> dict:
 def worker_trl_rm(spec: dict) -> dict:
     """TRL RewardTrainer on our HH pairs (pre-tokenized chosen_ids / rejected_ids), in our order."""
     import datasets
-    import numpy as np
     import transformers
     from trl import RewardConfig, RewardTrainer
     pairs = []
@@ -447,7 +446,6 @@ def worker_trl_rm(spec: dict) -> dict:
                                 processing_class=tok, callbacks=[timer.callback])
         trainer.data_collator = _recording(trainer.data_collator, rows)
         result = trainer.train()
-    del np
     return dict(times=timer.times, rows=rows, units=[len(r) / 2.0 for r in rows], loss=float(result.training_loss))
 
 
@@ -737,7 +735,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workloads", nargs="+", default=list(WORKLOADS) + ["scale"],
                    choices=list(WORKLOADS) + ["scale"])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", choices=list(MODELS), help="default: both (--quick: gpt2)")
     p.add_argument("--repeats", type=int, default=2, help="rounds of alternating subprocesses per cell")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per subprocess (the first compiles)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per subprocess (PPO: iterations, at most 2)")
@@ -749,7 +747,7 @@ def parse_args(argv=None):
     p.add_argument("--ours-set", action="append", default=[], metavar="[WORKLOAD:]KEY=VALUE",
                    help="a field of our stage config (repeatable); see the module docstring")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: GPT-2 shape only, 1 round, 1 timed step, PPO/sampling with 16 new "
+                   help="smoke run: GPT-2 shape unless --models, 1 round, 1 timed step, PPO/sampling with 16 new "
                         "tokens, 2 small scaling points")
     p.add_argument("--threads", type=int, default=1,
                    help="compute threads per side (1: torch.set_num_threads(1) and XLA without "
@@ -759,8 +757,9 @@ def parse_args(argv=None):
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.repeats, args.steps, args.new_tokens = ["gpt2"], 1, 1, 16
+        args.repeats, args.steps, args.new_tokens = 1, 1, 16
         args.scale = ["256x256", "256x512"]
+    args.models = args.models or (["gpt2"] if args.quick else list(MODELS))
     return args
 
 
