@@ -692,7 +692,8 @@ def training_table(name: str, unit: str, arch_rows: list[dict], sides: tuple[str
     head = (["model", f"ours {unit}"] + [f"{SIDE_NAMES[s]} {unit}" for s in theirs]
             + [f"ours / {SIDE_NAMES[s]}" for s in theirs]
             + ["ours GFLOP/s (MFU)"] + [f"{SIDE_NAMES[s]} GFLOP/s (MFU)" for s in theirs]
-            + ["ours first step s"] + [f"{SIDE_NAMES[s]} first step s" for s in theirs] + ["peak RSS MiB ours / theirs"])
+            + ["ours first step s"] + [f"{SIDE_NAMES[s]} first step s" for s in theirs]
+            + ["peak RSS MiB ours / theirs"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for r in arch_rows:
         s = r["sides"]
@@ -714,7 +715,8 @@ def ppo_table(arch_rows: list[dict]) -> str:
         for ph in phases:
             o, t, f = r["ours"][ph], r["trl"][ph], r["flops"][ph]
             lines.append(f"| {r['model']} | {ph} | {o:.2f} | {t:.2f} | {ratio(t, o)} | {f / 1e9:,.1f} "
-                         f"| {f / o / 1e9:,.2f} ({f / o / r['peak']:.1%}) | {f / t / 1e9:,.2f} ({f / t / r['peak']:.1%}) |")
+                         f"| {f / o / 1e9:,.2f} ({f / o / r['peak']:.1%}) "
+                         f"| {f / t / 1e9:,.2f} ({f / t / r['peak']:.1%}) |")
         lines.append(f"| {r['model']} | first iteration (ours: compile) | {r['ours']['first']:.2f} "
                      f"| {r['trl']['first']:.2f} | | | | |")
     return "**PPO iteration (seconds, lower is better)**\n\n" + "\n".join(lines)
@@ -805,7 +807,9 @@ def run_ppo(args, arch: str, model_dir: Path, shape: Shape, peak: float, base: d
         out[side] = {ph: statistics.median(it[ph] for it in iters)
                      for ph in ("generation", "scoring", "optimisation", "total")}
         out[side]["first"] = statistics.median(r["iterations"][0]["total"] for r in rs)
-        print(f"  ppo {arch} {side}: " + ", ".join(f"{k} {v:.2f} s" for k, v in out[side].items()), flush=True)
+        applied = rs[0].get("applied")
+        print(f"  ppo {arch} {side}: " + ", ".join(f"{k} {v:.2f} s" for k, v in out[side].items())
+              + (f"  [ours-set: {', '.join(applied)}]" if applied else ""), flush=True)
     return out
 
 
@@ -868,7 +872,8 @@ def main(argv=None):
     load_before, start = os.getloadavg()[0], time.perf_counter()
     peak = run_worker(dict(workload="peak", side="both", n=PEAK_N), args.threads)
     peak_flops = max(peak["jax"], peak["torch"])
-    print(f"float32 matmul peak: jnp.dot {peak['jax'] / 1e9:.1f}, torch.mm {peak['torch'] / 1e9:.1f} GFLOP/s", flush=True)
+    print(f"float32 matmul peak: jnp.dot {peak['jax'] / 1e9:.1f}, torch.mm {peak['torch'] / 1e9:.1f} GFLOP/s",
+          flush=True)
     base = dict(warmup=args.warmup, steps=args.steps, new_tokens=args.new_tokens, overrides=args.ours_set)
     sections = {"sft": [], "rm": [], "ppo": [], "gen": []}
     with tempfile.TemporaryDirectory() as tmp:
