@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +93,11 @@ def _linears(model: nnx.Module) -> list[tuple[str, Linear]]:
 
 def has_adapters(model: nnx.Module) -> bool:
     return any(m.lora is not None for _, m in _linears(model))
+
+
+def adapted(names: Iterable[str]) -> bool:
+    """Whether these dotted variable names (a `ModelDef`'s, a params dict's) include adapters."""
+    return any(re.search(ADAPTER_NAMES, n) for n in names)
 
 
 def attach(model: Transformer, lora: LoraConfig, *, mesh, rules: Mapping | None = None, seed: int = 0) -> Transformer:
