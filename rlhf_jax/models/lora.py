@@ -177,7 +177,7 @@ def merge_adapters(model: Transformer) -> Transformer:
         {n: jnp.float32(m.lora.scale) for n, m in adapted.items()})
     plain = {k: v for k, v in values.items() if not re.search(ADAPTER_NAMES, k)}
     plain.update({f"{n}.kernel": w for n, w in folded.items()})
-    plain_def = ModelDef.split(nnx.eval_shape(lambda: Transformer(model.cfg, rngs=nnx.Rngs(0), heads=model.heads)),
-                               None)[0]
-    return plain_def.merge(plain)
+    from rlhf_jax.models.load import abstract_def  # load imports checkpoints, which imports this module
+
+    return abstract_def(model.cfg, model.heads).merge(plain)
 
