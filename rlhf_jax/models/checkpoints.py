@@ -40,7 +40,7 @@ from jax.experimental import multihost_utils
 from safetensors.numpy import load_file, save_file
 
 from rlhf_jax import sharding as sharding_lib
-from rlhf_jax.models import gguf
+from rlhf_jax.models import gguf, lora
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.transformer import Transformer
 
@@ -333,8 +333,11 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=No
     (module docstring); anything else as `*ForCausalLM`. `scoring`: how the RM's texts are
     laid out and truncated (`reward_model.scoring_settings`), kept in `rlhf_jax.json` for
     `RMScorer`. Collective across processes (every process must call it); only process 0 writes.
+    LoRA adapters are folded into their kernels (`lora.merge_adapters`): the checkpoint is a
+    plain model.
     """
     out_dir = Path(out_dir)
+    model = lora.merge_adapters(model)
     flat = model_to_flat(model)
     if jax.process_index() != 0:
         return out_dir

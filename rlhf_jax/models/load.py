@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data.tokenizer import load_tokenizer
+from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, saved_heads, saved_meta
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.modeldef import ModelDef
@@ -91,17 +92,24 @@ def load_model(spec: Any, *, heads: tuple[str, ...] = ("lm",), tokenizer: Any = 
     `tokenizer` '' takes the model's own ('byte' for a tiny model); anything else is passed to
     `data.load_tokenizer`. Heads the checkpoint lacks are freshly initialised from `seed`,
     except those in `require_trained`, which must have been trained (`role` names the
-    config field in the error).
+    config field in the error). A model config with `lora.rank` > 0 gets LoRA adapters
+    (`models/lora.py`).
     """
     src = resolve(spec)
+    lora_cfg = lora.LoraConfig.from_spec(spec)
     check_trained_heads(src, require_trained, role)
+    mesh = mesh if mesh is not None else sharding_lib.make_mesh()
+    model, tok = _load(src, heads, tokenizer, mesh, rules, seed)
+    return lora.attach(model, lora_cfg, mesh=mesh, rules=rules, seed=seed), tok  # model.lora (a config's)
+
+
+def _load(src: Source, heads, tokenizer, mesh, rules, seed) -> tuple[Transformer, Any]:
     if src.kind == "pair":
         model, tok = src.pair
         missing = set(heads) - set(model.heads)
         if missing:
             raise ValueError(f"the model has heads {model.heads}, this needs {sorted(missing)}")
         return model, load_tokenizer(tokenizer or tok)
-    mesh = mesh if mesh is not None else sharding_lib.make_mesh()
     dtypes = dict(dtype=src.dtype, param_dtype=src.param_dtype)
     if src.kind == "tiny":
         tok = load_tokenizer(tokenizer or "byte")

@@ -44,7 +44,8 @@ def _param(init: Initializer, rngs: nnx.Rngs, shape, dtype, axes) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias), kernel stored [in, out] with logical axis names."""
+    """y = x @ kernel (+ bias), kernel stored [in, out] with logical axis names; plus, when a
+    LoRA adapter is attached (`rlhf_jax.models.lora.attach`) and enabled, (x @ A) @ B · alpha/rank."""
 
     def __init__(self, din: int, dout: int, axes: tuple[str, str], *, cfg: ModelConfig, rngs: nnx.Rngs,
                  bias: bool = False, init: Initializer | None = None):
@@ -52,11 +53,15 @@ class Linear(nnx.Module):
         self.kernel = _param(init, rngs, (din, dout), cfg.storage_dtype, axes)
         self.bias = _param(nnx.initializers.zeros, rngs, (dout,), cfg.storage_dtype, axes[1:]) if bias else None
         self.dtype = cfg.compute_dtype
+        self.lora = nnx.data(None)  # a lora.Adapter once attached
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None and self.lora.enabled:
+            y = y + self.lora(x)
         return y
 
 

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import optim, reward_functions as reward_functions_lib
-from rlhf_jax.models import ModelDef, abstract_def, load_frozen, load_model
+from rlhf_jax.models import ModelDef, abstract_def, load_frozen, load_model, lora
 from rlhf_jax.ppo.core import KLController
 from rlhf_jax.ppo.step import PPOHyperparams, PPOState, Rollout, ppo_update, score_rollout
 from rlhf_jax.reward_model import RMScorer
@@ -62,7 +62,7 @@ class Models:
     params: dict  # trainable {"policy": {...}, "critic": {...}}
     frozen: dict  # the rest of each trained model
     tokenizer: Any
-    ref_def: ModelDef
+    ref_def: ModelDef | None  # None: the policy with its LoRA adapters off
     ref_params: dict
     rm_def: ModelDef | None = None  # an RM scored inside the score program
     rm_params: dict | None = None
@@ -113,15 +113,17 @@ def load_models(cfg, rt: Runtime, hp: PPOHyperparams) -> Models:
     policy_heads = ("lm", "value") if hp.uses_critic and hp.critic == "shared" else ("lm",)
     policy, tokenizer = load_model(cfg.model, heads=policy_heads, tokenizer=cfg.tokenizer, mesh=rt.mesh,
                                    rules=rt.rules, seed=cfg.seed)
-    policy_def, policy_train, policy_rest = ModelDef.split(policy, cfg.train.trainable)
-    if not policy_train:
-        raise ValueError(f"train.trainable={cfg.train.trainable!r} matches no parameter")
+    policy_def, policy_train, policy_rest = lora.split_trainable(policy, cfg.train.trainable)
     # The frozen reference: the initial policy without its value head, or another checkpoint
-    # (iterated rounds keep the KL to the SFT model while the policy starts from the last one).
+    # (iterated rounds keep the KL to the SFT model while the policy starts from the last one);
+    # with LoRA the initial policy is the policy with its adapters off (ref_def None), whose
+    # frozen base arrays the state holds already.
     if cfg.ppo.reference_path:
         ref_def, ref_params, _ = load_frozen(dict(init="pretrained", path=cfg.ppo.reference_path,
                                                   dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype),
                                              heads=("lm",), mesh=rt.mesh, rules=rt.rules)
+    elif lora.has_adapters(policy):
+        ref_def, ref_params = None, {}
     else:
         ref_def = abstract_def(policy.cfg, ("lm",))
         ref_params = _copy({n: {**policy_train, **policy_rest}[n] for n in ref_def.names})

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from rlhf_jax import reward_model, rng
-from rlhf_jax.models import ModelDef, Transformer
+from rlhf_jax.models import ModelDef, Transformer, lora
 from rlhf_jax.ppo import advantages as advantages_lib, core
 from rlhf_jax.sampling import rm_input_ids
 from rlhf_jax.sft import sft_loss, token_logprobs
@@ -138,9 +138,11 @@ def _models(defs, params, frozen):
     return policy, critic
 
 
-def score_rollout(defs: dict, ref_def: ModelDef, rm_def: ModelDef | None, hp: PPOHyperparams, state: PPOState,
-                  ref_params: dict, rm_params: dict | None, query_ids, query_mask, response_ids, response_mask):
-    """Old log-probs, values, reference log-probs and RM scores of a sampled batch.
+def score_rollout(defs: dict, ref_def: ModelDef | None, rm_def: ModelDef | None, hp: PPOHyperparams,
+                  state: PPOState, ref_params: dict, rm_params: dict | None, query_ids, query_mask, response_ids,
+                  response_mask):
+    """Old log-probs, values, reference log-probs and RM scores of a sampled batch; `ref_def`
+    None: the reference is the policy with its LoRA adapters off.
 
     Returns (logprobs [B, R], ref_logprobs [B, R], values [B, R], rm_scores [B] or zeros)."""
     q = query_ids.shape[1]
@@ -148,7 +150,7 @@ def score_rollout(defs: dict, ref_def: ModelDef, rm_def: ModelDef | None, hp: PP
     policy, critic = _models(defs, state.params, state.frozen)
     logp, h, _ = response_logprobs_and_hidden(policy, ids_BT, mask_BT, q, hp.temperature)
     values = _values(policy, critic, h, ids_BT, mask_BT, q) if hp.uses_critic else jnp.zeros_like(logp)
-    ref = ref_def.merge(ref_params)
+    ref = ref_def.merge(ref_params) if ref_def is not None else lora.base_model(policy)  # LoRA: adapters off
     ref_logp, _, _ = response_logprobs_and_hidden(ref, ids_BT, mask_BT, q, hp.temperature)
     if rm_def is not None:
         # The last real token of prompt+response is the stop token (or the last one sampled);

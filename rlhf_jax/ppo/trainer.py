@@ -105,7 +105,7 @@ def run_ppo(cfg, workdir: str | Path, reward_functions: Sequence = ()) -> dict:
     writer = MetricWriter(s.rt.workdir, tensorboard=cfg.train.tensorboard)
     if s.rt.is_main:
         print(f"stage=ppo iterations={num_updates} advantage={s.hp.advantage} k={s.hp.samples_per_prompt} "
-              f"policy trainable={count(s.state.params['policy']):,} "
+              f"policy trainable={count(s.state.params['policy']):,} frozen={count(s.state.frozen['policy']):,} "
               f"critic={s.hp.critic if s.hp.uses_critic else 'none'} rm={'yes' if s.models.rm_params is not None else 'no'} "
               f"reward_functions={len(s.reward_fns)} mesh={dict(s.rt.mesh.shape)} devices={jax.device_count()} "
               f"processes={jax.process_count()}")

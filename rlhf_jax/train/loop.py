@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import dpo, optim, reward_model, sft
-from rlhf_jax.models import ModelDef, count, load_model, save_pretrained, to_host
+from rlhf_jax.models import ModelDef, count, load_model, lora, save_pretrained, to_host
 from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train import step as step_lib
 from rlhf_jax.train.checkpoint import Checkpointer, resume
@@ -234,10 +234,7 @@ def build(cfg, workdir) -> tuple[StageRun, Any]:
         raise ValueError(f"train.num_steps resolves to {num_steps}: {len(train_data)} examples give "
                          f"{per_epoch} steps per epoch")
     tx, schedule = optim.make_optimizer(cfg.optimizer, num_steps)
-    model_def, params, frozen = ModelDef.split(model, cfg.train.trainable)
-    if not params:
-        raise ValueError(f"train.trainable={cfg.train.trainable!r} matches no parameter; names look like "
-                         f"{model_def.names[:4]}")
+    model_def, params, frozen = lora.split_trainable(model, cfg.train.trainable)  # LoRA: adapters and heads
     if stage.setup is not None:
         frozen, train_data, eval_data = stage.setup(cfg, rt, model_def, params, frozen, train_data, eval_data)
     state = step_lib.init_state(params, frozen, tx, rt.mesh)
