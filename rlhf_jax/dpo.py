@@ -207,18 +207,20 @@ def batch_kwargs(cfg) -> dict:
     if d.pair_weighting not in PAIR_WEIGHTINGS:
         raise ValueError(f"dpo.pair_weighting={d.pair_weighting!r} is not one of {list(PAIR_WEIGHTINGS)}")
     return dict(max_responses=int(d.max_responses), max_pairs=int(d.max_pairs), response_mask=True,
-                pair_weighting=d.pair_weighting)
+                pair_weighting=d.pair_weighting, pad_to_multiple_of=int(cfg.data.get("pad_to_multiple_of", 0)))
 
 
 def response_logprobs(model, batch: dict) -> Array:
     """log π(response | prompt) per row [N]: token log-probs summed over `response_mask`.
 
     batch: input_ids, attention_mask int32[N, T], response_mask float32[N, T] (position t
-    predicts token t + 1, so the mask is read from t = 1)."""
+    predicts token t + 1, so the mask is read from t = 1). Logits are computed only at the
+    response tokens (`sft.selected_token_logprobs`)."""
     ids_NT = batch["input_ids"]
-    logits_NTV = model(ids_NT, batch["attention_mask"])
-    logp_NT = sft.token_logprobs(logits_NTV[:, :-1], ids_NT[:, 1:])
-    return sequence_logprobs(logp_NT, batch["response_mask"][:, 1:])
+    h_NTD, _ = model.hidden(ids_NT, batch["attention_mask"])
+    weight_NT = batch["response_mask"][:, 1:]
+    logp_NT = sft.selected_token_logprobs(model, h_NTD[:, :-1], ids_NT[:, 1:], weight_NT).logp
+    return sequence_logprobs(logp_NT, weight_NT)
 
 
 def reference_model(model, frozen: dict):

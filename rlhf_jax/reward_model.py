@@ -80,7 +80,8 @@ def batch_kwargs(cfg) -> dict:
     weighting = cfg.rm.get("pair_weighting", "per_prompt")
     if weighting not in PAIR_WEIGHTINGS:
         raise ValueError(f"rm.pair_weighting={weighting!r} is not one of {list(PAIR_WEIGHTINGS)}")
-    return dict(max_responses=int(cfg.rm.max_responses), max_pairs=int(cfg.rm.max_pairs), pair_weighting=weighting)
+    return dict(max_responses=int(cfg.rm.max_responses), max_pairs=int(cfg.rm.max_pairs), pair_weighting=weighting,
+                pad_to_multiple_of=int(cfg.data.get("pad_to_multiple_of", 0)))
 
 
 def normalisation(raw: np.ndarray) -> tuple[float, float]:

@@ -197,7 +197,9 @@ def test_gradient_at_reference_is_half_beta_times_log_ratio_gradient(pref_path):
         logp_N = dpo.response_logprobs(model_def.merge(p, frozen), batch)
         return jnp.sum(w_P * (logp_N[batch["chosen_idx"]] - logp_N[batch["rejected_idx"]]))
 
-    assert float(loss(params)) == pytest.approx(float(w_P.sum()) * math.log(2), rel=1e-6)
+    # The policy's and the reference's log-probs come from two differently fused programs (one
+    # is differentiated), so they agree to float32 rounding, not bit for bit.
+    assert float(loss(params)) == pytest.approx(float(w_P.sum()) * math.log(2), rel=1e-5)
     g_loss, g_gap = jax.jit(jax.grad(loss))(params), jax.jit(jax.grad(log_ratio_gap))(params)
     scale = max(float(jnp.abs(g).max()) for g in g_gap.values())
     for name in params:

@@ -123,7 +123,7 @@ EXPECTED_PPO = {
     "score": -0.1948200762271881, "total_reward": -0.21473979949951172,
     "value_head_abs_change": 0.0524324956820692, "value_head_change_sum": -0.004220407816546867,
     "value_loss": 0.4162095785140991, "vf_clipfrac": 0.03929131105542183, "weight_abs_change": 1.978409860701504,
-    "weight_change_sum": 9.246071931556799e-05,
+    "weight_change_sum": 9.496249913354404e-05,
 }
 
 

@@ -57,6 +57,51 @@ def sft_batch(dataset: Dataset, indices: Sequence[int]) -> dict[str, np.ndarray]
     return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
 
 
+def packed_sft_batch(dataset: Dataset, rows: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """SFT batch of packed rows: row r holds the examples `rows[r]` back to back (right-padded;
+    an empty row is all padding), arrays [len(rows), T]. Besides the `sft_batch` keys it has
+    `segment_ids` int32[R, T] (1, 2, … per example of the row, 0 on padding): the model attends
+    within an example only and restarts positions at each (`Transformer.hidden`). A first token
+    is never a target, so no example is predicted from the one before it."""
+    T = dataset.seq_len
+    ids = np.full((len(rows), T), dataset.pad_id, np.int32)
+    segments = np.zeros((len(rows), T), np.int32)
+    loss = np.zeros((len(rows), T), np.float32)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, i in enumerate(row, start=1):
+            e = dataset.examples[i]
+            n = len(e.input_ids)
+            if at + n > T:
+                raise ValueError(f"examples {list(row)} hold more than the {T} tokens of a packed row")
+            ids[r, at:at + n], segments[r, at:at + n], loss[r, at:at + n] = e.input_ids, k, e.loss_mask
+            loss[r, at] = 0.0
+            at += n
+    return {"input_ids": ids, "attention_mask": (segments > 0).astype(np.int32), "loss_mask": loss,
+            "segment_ids": segments}
+
+
+def pack_rows(lengths: Sequence[int], order: Sequence[int], row_length: int, window: int = 64) -> list[list[int]]:
+    """First-fit packing of examples (taken in `order`) into rows of `row_length` tokens.
+
+    Each example goes to the first of the last `window` opened rows with room for it, else opens
+    a new row; rows are returned in the order they were opened. The window keeps it linear in
+    the number of examples while short examples still fill the gaps long ones leave."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in order:
+        n = int(lengths[i])
+        for r in range(max(0, len(rows) - window), len(rows)):
+            if free[r] >= n:
+                rows[r].append(int(i))
+                free[r] -= n
+                break
+        else:
+            rows.append([int(i)])
+            free.append(row_length - n)
+    return rows
+
+
 def prompt_batch(dataset: Dataset, indices: Sequence[int]) -> dict[str, np.ndarray]:
     """Prompt batch of the examples at `indices` (−1 = padding row); arrays [len(indices), Tq]."""
     seqs = [dataset.examples[i].input_ids if i >= 0 else None for i in indices]
@@ -177,9 +222,17 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 
 def _epoch_plan(dataset: Dataset, epoch: int, *, batch_size, max_responses, max_pairs, seed, shuffle,
-                drop_last) -> list[list[int]]:
-    """The batches of one epoch as lists of example (or group) indices; −1 = padding row."""
+                drop_last, pack=False) -> list[list]:
+    """The batches of one epoch as lists of example (or group) indices; −1 = padding row. Packed
+    SFT batches are lists of rows, each a list of example indices ([] = padding row)."""
     order = _epoch_order(len(dataset), seed, epoch, shuffle)
+    if pack:
+        rows = pack_rows([len(e.input_ids) for e in dataset.examples], order, dataset.seq_len)
+        n = len(rows)
+        plan = [rows[k:k + batch_size] for k in range(0, n - n % batch_size, batch_size)]
+        if n % batch_size and not drop_last:
+            plan.append(rows[n - n % batch_size:] + [[]] * (batch_size - n % batch_size))
+        return plan
     if dataset.kind == "preference":
         sizes = [(len(g.responses), len(g.chosen)) for g in dataset.examples]
         plan = pack_groups(sizes, order, max_responses, max_pairs)
@@ -199,9 +252,12 @@ def _epoch_plan(dataset: Dataset, epoch: int, *, batch_size, max_responses, max_
     return plan
 
 
-def _check_args(dataset: Dataset, batch_size, max_responses, max_pairs, process_index, process_count) -> None:
+def _check_args(dataset: Dataset, batch_size, max_responses, max_pairs, process_index, process_count,
+                pack=False) -> None:
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    if pack and dataset.kind != "sft":
+        raise ValueError(f"packing is for SFT data; {dataset.source} holds {dataset.kind} data")
     if dataset.kind == "preference":
         if max_responses is None or max_pairs is None:
             raise ValueError("preference batches need max_responses and max_pairs")
@@ -224,7 +280,8 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
             max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, num_epochs: int | None = 1,
             start_step: int = 0, drop_last: bool = True, process_index: int = 0,
             process_count: int = 1, response_mask: bool = False,
-            pair_weighting: str | None = None) -> Iterator[dict[str, np.ndarray]]:
+            pair_weighting: str | None = None, pack: bool = False,
+            pad_to_multiple_of: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Iterates over this process's slice of every global batch (module docstring).
 
     Args:
@@ -240,13 +297,21 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       process_index, process_count: this process and the number of processes.
       response_mask, pair_weighting: the optional keys of preference batches (`pair_weighting`
         one of `PAIR_WEIGHTINGS`, or None for no `pair_weight`).
+      pack: SFT data only: batches of `batch_size` packed rows (`pack_rows`, `packed_sft_batch`)
+        instead of one example per row, so a batch holds as many examples as fit.
+      pad_to_multiple_of: SFT and preference data: > 0 pads each batch to the smallest multiple
+        of this that holds its longest row (at most T) instead of to T, so a jitted step
+        compiles once per length bucket (T / pad_to_multiple_of programs at most).
 
     Returns:
       an iterator of batch dicts with local leading sizes B/n (or N/n and P/n).
     """
-    _check_args(dataset, batch_size, max_responses, max_pairs, process_index, process_count)
+    _check_args(dataset, batch_size, max_responses, max_pairs, process_index, process_count, pack)
+    if pad_to_multiple_of < 0 or (pack and pad_to_multiple_of):
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: use a positive multiple, or 0 (pad to the "
+                         "dataset's length; packed rows are always full length)")
     plan_args = dict(batch_size=batch_size, max_responses=max_responses, max_pairs=max_pairs, seed=seed,
-                     shuffle=shuffle, drop_last=drop_last)
+                     shuffle=shuffle, drop_last=drop_last, pack=pack)
     if not _epoch_plan(dataset, 0, **plan_args):
         raise ValueError(f"{dataset.source}: {len(dataset)} examples give no complete batch "
                          f"({plan_args}); use a smaller batch or drop_last=False")
@@ -258,11 +323,25 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
     def build(plan: list[int]) -> dict[str, np.ndarray]:
         if dataset.kind == "preference":
             # Built globally: a group's pairs may point at rows of another process's slice.
-            return {k: local(v) for k, v in preference_batch(
-                dataset, plan, max_responses, max_pairs, response_mask=response_mask,
-                pair_weighting=pair_weighting).items()}
-        rows = local(np.asarray(plan))
-        return sft_batch(dataset, rows) if dataset.kind == "sft" else prompt_batch(dataset, rows)
+            batch = preference_batch(dataset, plan, max_responses, max_pairs, response_mask=response_mask,
+                                     pair_weighting=pair_weighting)
+            return {k: local(v) for k, v in _trim(batch, batch["attention_mask"]).items()}
+        if pack:
+            size = len(plan) // process_count
+            return packed_sft_batch(dataset, plan[process_index * size:(process_index + 1) * size])
+        batch = (sft_batch if dataset.kind == "sft" else prompt_batch)(dataset, local(np.asarray(plan)))
+        if dataset.kind == "sft" and pad_to_multiple_of:  # the global batch's longest row sets the length
+            return _trim(batch, sft_batch(dataset, plan)["attention_mask"])
+        return batch
+
+    def _trim(batch: dict[str, np.ndarray], global_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Drops the all-padding columns on the left, down to a multiple of pad_to_multiple_of."""
+        if not pad_to_multiple_of:
+            return batch
+        T = global_mask.shape[1]
+        longest = int(global_mask.sum(1).max()) if global_mask.size else 0
+        keep = min(T, max(1, -(-longest // pad_to_multiple_of)) * pad_to_multiple_of)
+        return {k: v[:, T - keep:] if v.ndim == 2 and v.shape[1] == T else v for k, v in batch.items()}
 
     def generate() -> Iterator[dict[str, np.ndarray]]:
         step, epoch = 0, 0
@@ -278,14 +357,15 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
 
 def num_batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: int | None = None,
                 max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, epoch: int = 0,
-                drop_last: bool = True, response_mask: bool = False, pair_weighting: str | None = None) -> int:
+                drop_last: bool = True, response_mask: bool = False, pair_weighting: str | None = None,
+                pack: bool = False, pad_to_multiple_of: int = 0) -> int:
     """Number of batches in one epoch (for schedules). For preference data the packing, and so
     the count, can differ slightly between epochs; this is the count of epoch `epoch`. The
     optional key options are accepted (and do not change the count) so batch kwargs can be passed as-is."""
-    del response_mask, pair_weighting
-    _check_args(dataset, batch_size, max_responses, max_pairs, 0, 1)
+    del response_mask, pair_weighting, pad_to_multiple_of
+    _check_args(dataset, batch_size, max_responses, max_pairs, 0, 1, pack)
     return len(_epoch_plan(dataset, epoch, batch_size=batch_size, max_responses=max_responses,
-                           max_pairs=max_pairs, seed=seed, shuffle=shuffle, drop_last=drop_last))
+                           max_pairs=max_pairs, seed=seed, shuffle=shuffle, drop_last=drop_last, pack=pack))
 
 
 def prompt_texts(dataset: Dataset, batch: dict[str, np.ndarray]) -> list[str]:

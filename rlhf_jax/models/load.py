@@ -2,8 +2,8 @@
 `Transformer` and its tokenizer, or to `(ModelDef, params)` for a frozen model.
 
 A spec is one of:
-  * a model config (`init` = 'tiny' | 'pretrained' | 'gguf', `path`, `dtype`, `param_dtype`,
-    `tiny` fields), as every stage config has under `model`;
+  * a model config (`init` = 'tiny' | 'pretrained' | 'gguf', `path`, `tiny` fields, and the
+    `ModelConfig.RUNTIME_OPTIONS` dtype, param_dtype, remat, attention), as every stage config has under `model`;
   * a path: a Hugging Face directory (an earlier stage's `workdir/model`) or a `.gguf` file;
   * a `(Transformer, tokenizer)` pair, already loaded (its heads are checked).
 """
@@ -22,8 +22,8 @@ from jax.sharding import Mesh, NamedSharding
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.models import lora
-from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, saved_heads, saved_meta
-from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, runtime_overrides, saved_heads, saved_meta
+from rlhf_jax.models.config import RUNTIME_OPTIONS, ModelConfig
 from rlhf_jax.models.modeldef import ModelDef
 from rlhf_jax.models.transformer import Transformer
 
@@ -36,8 +36,7 @@ class Source:
 
     kind: str  # one of KINDS, or "pair"
     path: str = ""  # resolved path ('' for tiny, or gguf's packaged default)
-    dtype: str | None = None
-    param_dtype: str | None = None
+    options: Mapping[str, Any] | None = None  # RUNTIME_OPTIONS overrides (None = the default)
     tiny: Mapping[str, Any] | None = None
     pair: tuple | None = None
 
@@ -60,11 +59,11 @@ def resolve(spec: Any) -> Source:
             raise ValueError(f"model.init={kind!r} is not one of {KINDS}")
         if kind == "pretrained" and not spec.get("path"):
             raise ValueError("model.init='pretrained' needs model.path (a Hugging Face directory)")
-        dtypes = dict(dtype=spec.get("dtype"), param_dtype=spec.get("param_dtype"))
+        options = {name: spec.get(name) for name in RUNTIME_OPTIONS}
         if kind == "tiny":
-            return Source("tiny", tiny=dict(spec["tiny"]), **dtypes)
+            return Source("tiny", tiny=dict(spec["tiny"]), options=options)
         source = resolve(spec["path"]) if spec.get("path") else Source("gguf")
-        return dataclasses.replace(source, **dtypes)
+        return dataclasses.replace(source, options=options)
     raise TypeError(f"expected a model config, a path or a (Transformer, tokenizer) pair, got {type(spec).__name__}")
 
 
@@ -110,18 +109,17 @@ def _load(src: Source, heads, tokenizer, mesh, rules, seed) -> tuple[Transformer
         if missing:
             raise ValueError(f"the model has heads {model.heads}, this needs {sorted(missing)}")
         return model, load_tokenizer(tokenizer or tok)
-    dtypes = dict(dtype=src.dtype, param_dtype=src.param_dtype)
+    options = dict(src.options or {})
     if src.kind == "tiny":
         tok = load_tokenizer(tokenizer or "byte")
-        dtypes = {k: v for k, v in dtypes.items() if v is not None}
         cfg = ModelConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, **src.tiny, **dtypes)
+                          pad_token_id=tok.pad_token_id, **src.tiny, **runtime_overrides(options))
         model = sharding_lib.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), heads=heads), mesh, rules)
         return model, tok
     if src.kind == "pretrained":
-        model = load_pretrained(src.path, heads=heads, mesh=mesh, rules=rules, seed=seed, **dtypes)
+        model = load_pretrained(src.path, heads=heads, mesh=mesh, rules=rules, seed=seed, **options)
         return model, load_tokenizer(tokenizer or src.path)
-    model, tok = load_gguf(src.path or None, heads=heads, mesh=mesh, rules=rules, seed=seed, **dtypes)
+    model, tok = load_gguf(src.path or None, heads=heads, mesh=mesh, rules=rules, seed=seed, **options)
     return model, load_tokenizer(tokenizer or tok)
 
 

@@ -144,12 +144,14 @@ class Attention(nnx.Module):
         self.v = Linear(d, k * e, ("embed", "kv_heads"), cfg=cfg, rngs=rngs, bias=cfg.qkv_bias)
         self.o = Linear(h * e, d, ("heads", "embed"), cfg=cfg, rngs=rngs, bias=cfg.out_bias)
 
-    def __call__(self, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, cache_kv=None, index=None):
+    def __call__(self, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, cache_kv=None, index=None,
+                 segment_ids_BT=None):
         """Returns the attention output and the updated (k, v) cache of this layer, if any.
 
         Query t sits at cache slot `q_slots_T[t]`; it may attend to key slot s when
-        `k_slots_S[s] <= q_slots_T[t]` (causal), the key is real (`key_mask_BS`), and, with a
-        sliding window, `q_slot - k_slot < window`.
+        `k_slots_S[s] <= q_slots_T[t]` (causal), the key is real (`key_mask_BS`), with a
+        sliding window `q_slot - k_slot < window`, and in packed rows (`segment_ids_BT`, no
+        cache) the key belongs to the query's sequence.
         """
         cfg = self.cfg
         b, t, _ = x_BTD.shape
@@ -174,14 +176,23 @@ class Attention(nnx.Module):
         else:  # no cache: the keys are the T new tokens themselves
             keys, values, kv_axes = k_BTKE, v_BTKE, "bske"
 
-        g = h // kv
-        q_BTKGE = q_BTHE.reshape(b, t, kv, g, e)
-        scores_BKGTS = jnp.einsum(f"btkge,{kv_axes}->bkgts", q_BTKGE, keys.astype(q_BTKGE.dtype),
-                                  preferred_element_type=jnp.float32) / math.sqrt(e)
         allowed_TS = k_slots_S[None, :] <= q_slots_T[:, None]
         if cfg.sliding_window is not None:
             allowed_TS &= q_slots_T[:, None] - k_slots_S[None, :] < cfg.sliding_window
         allowed_BTS = allowed_TS[None] & (key_mask_BS[:, None, :] > 0)
+        if segment_ids_BT is not None:
+            allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        if cfg.attention == "dot_product" and cache_kv is None:
+            # jax.nn.dot_product_attention: XLA's fused attention on CPU/TPU, cuDNN's flash
+            # kernel on a GPU when it supports the inputs. (Decoding keeps the einsum path,
+            # which reads the cache in its stored [B, K, S, E] layout.)
+            out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE.astype(q_BTHE.dtype),
+                                                    v_BTKE.astype(q_BTHE.dtype), mask=allowed_BTS[:, None])
+            return self.o(out_BTHE.reshape(b, t, h * e)), new_kv
+        g = h // kv
+        q_BTKGE = q_BTHE.reshape(b, t, kv, g, e)
+        scores_BKGTS = jnp.einsum(f"btkge,{kv_axes}->bkgts", q_BTKGE, keys.astype(q_BTKGE.dtype),
+                                  preferred_element_type=jnp.float32) / math.sqrt(e)
         scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, _NEG_INF)
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(values.dtype)
         if cache_kv is not None:
@@ -220,9 +231,10 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, cache_kv=None, index=None):
+    def __call__(self, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, cache_kv=None, index=None,
+                 segment_ids_BT=None):
         a, new_kv = self.attn(self.attn_norm(x_BTD), positions_BT, q_slots_T, k_slots_S, key_mask_BS,
-                              cache_kv, index)
+                              cache_kv, index, segment_ids_BT)
         x_BTD = x_BTD + a
         return x_BTD + self.mlp(self.mlp_norm(x_BTD)), new_kv
 
@@ -269,13 +281,26 @@ class Transformer(nnx.Module):
 
     # ------------------------------------------------------------------ trunk
     def hidden(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None = None, *,
-               positions_BT: jax.Array | None = None, cache: KVCache | None = None):
+               positions_BT: jax.Array | None = None, cache: KVCache | None = None,
+               segment_ids_BT: jax.Array | None = None):
         """Final-norm hidden states [B, T, D] (compute dtype), and the updated cache or None.
 
         With a cache, the T new tokens are written at slots [cache.index, cache.index + T) and
         attend to every real token already in the cache.
+
+        Packed rows (several sequences in one row, no cache): `segment_ids_BT` numbers each
+        row's sequences 1, 2, … (0 = padding; it then replaces the attention mask); a token
+        attends only within its sequence, and positions restart at 0 at each sequence's first
+        token, so every sequence gets the hidden states it would get alone.
         """
         b, t = input_ids_BT.shape
+        if segment_ids_BT is not None:
+            if cache is not None:
+                raise ValueError("packed rows (segment_ids) are for training and scoring, not a KV cache")
+            segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+            attention_mask_BT = (segment_ids_BT > 0).astype(jnp.int32)
+            if positions_BT is None:
+                positions_BT = segment_positions(segment_ids_BT)
         if attention_mask_BT is None:
             attention_mask_BT = jnp.ones((b, t), jnp.int32)
         attention_mask_BT = attention_mask_BT.astype(jnp.int32)
@@ -302,8 +327,14 @@ class Transformer(nnx.Module):
 
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
+            if cache is None and self.cfg.remat:
+                # Only the layer's input is kept for the backward pass; the rest is recomputed.
+                x_BTD, _ = nnx.remat(_call_block)(layer, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS,
+                                                  segment_ids_BT)
+                continue
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x_BTD, layer_kv = layer(x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, kv, index)
+            x_BTD, layer_kv = layer(x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, kv, index,
+                                    segment_ids_BT)
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
@@ -316,13 +347,23 @@ class Transformer(nnx.Module):
         return h_BTD, new_cache
 
     # ------------------------------------------------------------------ heads
-    def logits(self, h_BTD: jax.Array) -> jax.Array:
-        """Next-token logits [B, T, V] in float32."""
+    def unembedding(self) -> jax.Array:
+        """The LM head's matrix [D, V] in the compute dtype (the embedding's transpose when tied)."""
         if "lm" not in self.heads:
             raise ValueError("this model was built without an LM head (heads=%r)" % (self.heads,))
         dtype = self.cfg.compute_dtype
-        w_DV = self.embed[...].T if self.lm_head is None else self.lm_head.kernel[...]
-        return jnp.dot(h_BTD.astype(dtype), w_DV.astype(dtype), preferred_element_type=jnp.float32)
+        if self.lm_head is None:
+            return self.embed[...].T.astype(dtype)
+        w_DV = self.lm_head.kernel[...].astype(dtype)
+        adapter = self.lm_head.lora
+        if adapter is not None and adapter.enabled:  # W + A B · scale, the adapted head as one matrix
+            w_DV = w_DV + adapter(jnp.eye(w_DV.shape[0], dtype=dtype))
+        return w_DV
+
+    def logits(self, h_BTD: jax.Array) -> jax.Array:
+        """Next-token logits [B, T, V] in float32."""
+        w_DV = self.unembedding()
+        return jnp.dot(h_BTD.astype(w_DV.dtype), w_DV, preferred_element_type=jnp.float32)
 
     def values(self, h_BTD: jax.Array) -> jax.Array:
         """Per-token value estimates [B, T] in float32."""
@@ -343,6 +384,21 @@ class Transformer(nnx.Module):
         h_BTD, new_cache = self.hidden(input_ids, attention_mask, positions_BT=position_ids, cache=cache)
         logits = self.logits(h_BTD)
         return logits if cache is None else (logits, new_cache)
+
+
+def _call_block(block: Block, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, segment_ids_BT):
+    return block(x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, None, None, segment_ids_BT)
+
+
+def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
+    """Position of each token within its sequence of a packed row [B, T] (0 at each sequence's
+    first token; padding gets positions too, which nothing reads)."""
+    t = segment_ids_BT.shape[-1]
+    idx_T = jnp.arange(t)
+    starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                                 segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=-1)
+    start_BT = jax.lax.cummax(jnp.where(starts_BT, idx_T, 0), axis=1)
+    return idx_T - start_BT
 
 
 def last_index(mask_BT: jax.Array) -> jax.Array:

@@ -24,7 +24,7 @@ from rlhf_jax import reward_model, rng
 from rlhf_jax.models import ModelDef, Transformer, lora
 from rlhf_jax.ppo import advantages as advantages_lib, core
 from rlhf_jax.sampling import rm_input_ids
-from rlhf_jax.sft import sft_loss, token_logprobs
+from rlhf_jax.sft import selected_token_logprobs, sft_loss
 
 
 ADVANTAGES = ("gae", "rloo", "grpo")
@@ -117,12 +117,13 @@ def _full(query_ids, query_mask, response_ids, response_mask):
 
 
 def response_logprobs_and_hidden(model: Transformer, ids_BT, mask_BT, q: int, temperature: float):
-    """Log-probs [B, R] of the response tokens (logits / T) and the hidden states that predict
-    them [B, R, D], plus the logits [B, R, V] (for the entropy)."""
+    """Log-probs [B, R] of the real response tokens (logits / T; 0 after the response ends), the
+    hidden states that predict them [B, R, D] and the entropies there [B, R]. Logits are made a
+    chunk of positions at a time (`sft.selected_token_logprobs`), never as one [B, R, V] array."""
     h_BTD, _ = model.hidden(ids_BT, mask_BT)
     h_BRD = h_BTD[:, q - 1:-1]  # position t predicts token t + 1
-    logits_BRV = model.logits(h_BRD) / temperature
-    return token_logprobs(logits_BRV, ids_BT[:, q:]), h_BRD, logits_BRV
+    stats = selected_token_logprobs(model, h_BRD, ids_BT[:, q:], mask_BT[:, q:], temperature=temperature)
+    return stats.logp, h_BRD, stats.entropy
 
 
 def _values(policy: Transformer, critic: Transformer | None, h_BRD, ids_BT, mask_BT, q: int):
@@ -190,10 +191,10 @@ def _minibatch_loss(defs, hp: PPOHyperparams, state: PPOState, q: int):
 
     def loss_fn(params, mb, ptx):
         policy, critic = _models(defs, params, state.frozen)
-        logp, h, logits = response_logprobs_and_hidden(policy, mb["ids"], mb["attn"], q, hp.temperature)
+        logp, h, entropy = response_logprobs_and_hidden(policy, mb["ids"], mb["attn"], q, hp.temperature)
         pg_loss, pg_stats = core.policy_loss(logp, mb["logp"], mb["adv"], mb["mask"], cliprange=hp.cliprange)
         loss = pg_loss
-        stats = {"policy_loss": pg_loss, "entropy": core.masked_mean(core.entropy_from_logits(logits), mb["mask"]),
+        stats = {"policy_loss": pg_loss, "entropy": core.masked_mean(entropy, mb["mask"]),
                  **pg_stats}
         if hp.uses_critic:
             values = _values(policy, critic, h, mb["ids"], mb["attn"], q)

@@ -120,7 +120,8 @@ STAGES: dict[str, Stage] = {
     "sft": Stage(
         heads=("lm",),
         build_data=_sft_data,
-        batch_kwargs=lambda cfg: dict(batch_size=cfg.train.batch_size),
+        batch_kwargs=lambda cfg: dict(batch_size=cfg.train.batch_size, pack=bool(cfg.data.get("packing", False)),
+                                      pad_to_multiple_of=int(cfg.data.get("pad_to_multiple_of", 0))),
         loss_fn=lambda cfg: sft.sft_loss,
         finalize=sft.finalize_sft_metrics,
     ),
@@ -216,12 +217,23 @@ class StageRun:
         return {f"eval/{k}": v for k, v in step_lib.finish_eval(jax.device_get(outs), self.stage.finalize).items()}
 
 
+def _check_padding(cfg) -> None:
+    packing, multiple = cfg.data.get("packing", False), cfg.data.get("pad_to_multiple_of", 0)
+    if packing and cfg.stage != "sft":
+        raise ValueError(f"data.packing=True packs SFT examples; stage={cfg.stage!r} does not pack (set "
+                         "data.pad_to_multiple_of to trim its padding instead)")
+    if not isinstance(multiple, int) or multiple < 0 or (packing and multiple):
+        raise ValueError(f"data.pad_to_multiple_of={multiple!r}: use 0 (pad to data.max_length) or a positive "
+                         "multiple such as 64, and not with data.packing (packed rows are full)")
+
+
 def build(cfg, workdir) -> tuple[StageRun, Any]:
     """Loads the model and data of `cfg.stage`, splits the trainable parameters, and builds
     the state; returns (run, optimizer)."""
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r} is not one of {sorted(STAGES)} (PPO is run by its own stage)")
     stage = STAGES[cfg.stage]
+    _check_padding(cfg)
     rt = Runtime(cfg, workdir)
     model, tokenizer = load_model(cfg.model, heads=stage.heads, tokenizer=cfg.tokenizer, mesh=rt.mesh, rules=rt.rules,
                                   seed=cfg.seed)

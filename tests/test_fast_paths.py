@@ -1,0 +1,247 @@
+"""The performance options change numbers only within tolerance: logits only where a loss
+reads them (chunked), packed SFT rows, `jax.nn.dot_product_attention`, rematerialisation and
+bfloat16 compute, each against the plain path on the same weights and data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rlhf_jax import data as data_lib
+from rlhf_jax import sft
+from rlhf_jax.data import batching
+from rlhf_jax.models import Transformer
+from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models.transformer import segment_positions
+
+CFG = ModelConfig(model_type="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                  head_dim=8, mlp_dim=64)
+GPT2 = ModelConfig(model_type="gpt2", vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4,
+                   head_dim=8, mlp_dim=64, position="learned", norm="layernorm", activation="gelu_tanh",
+                   gated_mlp=False, qkv_bias=True, out_bias=True, mlp_bias=True)
+
+
+def _model(cfg=CFG):
+    return Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def _grads(model, loss):
+    """{name: gradient} of loss(model) over the model's parameters (one compiled program)."""
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    g = jax.jit(jax.grad(lambda p: loss(nnx.merge(graph, p, rest))))(params)
+    return {".".join(map(str, k)): v for k, v in nnx.to_flat_state(g)}
+
+
+def _close(a: dict, b: dict, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(np.asarray(a[k]), np.asarray(b[k]), atol=atol, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def sft_data():
+    rows = [{"instruction": f"question {i} " + "x" * (i * 7 % 40), "output": "answer " + "y" * (i * 11 % 50)}
+            for i in range(24)]
+    return data_lib.sft_dataset(rows, "byte", format="alpaca", max_length=200)
+
+
+# ---------------------------------------------------------------- logits only where read
+@pytest.mark.parametrize("chunk", [7, 10_000])
+def test_selected_token_logprobs_equal_full_logits(chunk):
+    model = _model()
+    rng = np.random.default_rng(0)
+    h_BTD = jnp.asarray(rng.normal(size=(3, 11, 32)), jnp.float32)
+    targets_BT = jnp.asarray(rng.integers(0, 300, (3, 11)), jnp.int32)
+    weight_BT = jnp.asarray(rng.random((3, 11)) < 0.4, jnp.float32)
+
+    def full(m, h):
+        logits = m.logits(h)
+        return sft.token_logprobs(logits, targets_BT) * weight_BT, (jnp.argmax(logits, -1) == targets_BT) * weight_BT
+
+    def chunked(m, h):
+        return sft.selected_token_logprobs(m, h, targets_BT, weight_BT, chunk_size=chunk)[:2]
+
+    (lp_full, hit_full), (lp, hit) = full(model, h_BTD), chunked(model, h_BTD)
+    np.testing.assert_allclose(lp, lp_full, atol=2e-5)
+    np.testing.assert_array_equal(hit, hit_full)
+    assert float(hit.sum()) >= 0 and float((lp != 0).sum()) == float(weight_BT.sum())
+    g_full = jax.grad(lambda h: (full(model, h)[0] * jnp.arange(11.0)).sum())(h_BTD)
+    g = jax.grad(lambda h: (chunked(model, h)[0] * jnp.arange(11.0)).sum())(h_BTD)
+    np.testing.assert_allclose(g, g_full, atol=2e-5)
+    _close(_grads(model, lambda m: (chunked(m, h_BTD)[0]).sum()),
+           _grads(model, lambda m: (full(m, h_BTD)[0]).sum()), atol=2e-5)
+
+
+def test_chunked_logits_read_an_adapted_lm_head(mesh):
+    """A LoRA adapter on an untied LM head is part of the matrix the chunked logits use."""
+    from rlhf_jax.models import lora
+
+    model = lora.attach(_model(CFG.replace(tie_embeddings=False)), lora.LoraConfig(rank=2, alpha=4.0,
+                                                                                   targets="lm_head"), mesh=mesh)
+    model.lm_head.lora.b.value = jax.random.normal(jax.random.key(1), model.lm_head.lora.b.value.shape)
+    h_BTD = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 32)), jnp.float32)
+    targets_BT, weight_BT = jnp.asarray([[1, 2, 3, 4]]), jnp.ones((1, 4))
+    expected = sft.token_logprobs(model.lm_head(h_BTD), targets_BT)
+    np.testing.assert_allclose(sft.selected_token_logprobs(model, h_BTD, targets_BT, weight_BT).logp, expected,
+                               atol=2e-5)
+    assert float(jnp.abs(expected - sft.token_logprobs(jnp.dot(h_BTD, model.lm_head.kernel[...]), targets_BT)).max()) > 0.1
+
+
+def test_sft_loss_matches_full_logits_reference(sft_data):
+    """sft_loss (chunked) against the same loss written with the full [B, T, V] logits."""
+    model = _model()
+    batch = {k: jnp.asarray(v) for k, v in batching.sft_batch(sft_data, list(range(6))).items()}
+
+    def reference(m):
+        logits = m(batch["input_ids"], batch["attention_mask"])
+        w = batch["loss_mask"][:, 1:]
+        return -(sft.token_logprobs(logits[:, :-1], batch["input_ids"][:, 1:]) * w).sum(), w.sum()
+
+    nll, n, stats = sft.sft_loss(model, batch)
+    ref_nll, ref_n = reference(model)
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
+    assert float(n) == float(ref_n)
+    _close(_grads(model, lambda m: sft.sft_loss(m, batch)[0]), _grads(model, lambda m: reference(m)[0]), atol=1e-4)
+
+
+# ---------------------------------------------------------------- packing
+def test_pack_rows_first_fit():
+    lengths = [5, 3, 4, 2, 6, 1]
+    rows = batching.pack_rows(lengths, [0, 1, 2, 3, 4, 5], row_length=8)
+    assert rows == [[0, 1], [2, 3, 5], [4]]
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    assert all(sum(lengths[i] for i in r) <= 8 for r in rows)
+    assert batching.pack_rows(lengths, [0, 1, 2, 3, 4, 5], row_length=8, window=1) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_segment_positions_restart_per_sequence():
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 3, 3, 3]])
+    np.testing.assert_array_equal(segment_positions(seg), [[0, 1, 2, 0, 1, 0, 1], [0, 0, 1, 2, 0, 1, 2]])
+
+
+@pytest.mark.parametrize("cfg", [CFG, GPT2], ids=["llama", "gpt2"])
+def test_packed_rows_give_each_sequence_its_own_hidden_states(cfg):
+    model = _model(cfg)
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 300, 5), rng.integers(0, 300, 7)
+    row = jnp.asarray(np.concatenate([a, b, [0, 0, 0]])[None], jnp.int32)
+    seg = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 3], jnp.int32)
+    h, _ = model.hidden(row, segment_ids_BT=seg)
+    np.testing.assert_allclose(h[0, :5], model.hidden(jnp.asarray(a[None]))[0][0], atol=1e-5)
+    np.testing.assert_allclose(h[0, 5:12], model.hidden(jnp.asarray(b[None]))[0][0], atol=1e-5)
+
+
+def test_packed_sft_loss_equals_padded_loss(sft_data):
+    """The same examples, packed or one per padded row: the same loss sum, token count and gradient."""
+    model = _model()
+    order = list(range(12))
+    rows = batching.pack_rows([len(e.input_ids) for e in sft_data.examples], order, sft_data.seq_len)
+    assert len(rows) < 12  # the test packs something
+    packed = {k: jnp.asarray(v) for k, v in batching.packed_sft_batch(sft_data, rows + [[]]).items()}
+    padded = {k: jnp.asarray(v) for k, v in batching.sft_batch(sft_data, order).items()}
+    (p_nll, p_n, p_stats), (nll, n, stats) = sft.sft_loss(model, packed), sft.sft_loss(model, padded)
+    assert float(p_n) == float(n)
+    np.testing.assert_allclose(p_nll, nll, rtol=1e-5)
+    np.testing.assert_allclose(p_stats["token_accuracy"][0], stats["token_accuracy"][0])
+    _close(_grads(model, lambda m: sft.sft_loss(m, packed)[0]), _grads(model, lambda m: sft.sft_loss(m, padded)[0]),
+           atol=1e-4)
+
+
+def test_packed_batches_cover_the_epoch_and_resume(sft_data):
+    kw = dict(batch_size=2, seed=3, pack=True)
+    n = batching.num_batches(sft_data, **kw)
+    epoch = list(batching.batches(sft_data, num_epochs=1, **kw))
+    assert len(epoch) == n and n < len(sft_data) // 2
+    examples_per_batch = [int(b["segment_ids"].max(1).sum()) for b in epoch]
+    assert sum(examples_per_batch) > 2 * len(epoch)  # more examples than rows
+    assert sum(examples_per_batch) <= len(sft_data)  # the last partial batch is dropped
+    resumed = list(batching.batches(sft_data, num_epochs=1, start_step=2, **kw))
+    for a, b in zip(epoch[2:], resumed):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    halves = [next(batching.batches(sft_data, process_index=i, process_count=2, **kw)) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["segment_ids"] for h in halves]), epoch[0]["segment_ids"])
+    with pytest.raises(ValueError, match="packing is for SFT data"):
+        batching.batches(data_lib.prompt_dataset([{"prompt": "hi"}], "byte"), batch_size=1, pack=True)
+
+
+# ---------------------------------------------------------------- compute options
+def _left_padded_batch():
+    rng = np.random.default_rng(2)
+    ids = jnp.asarray(rng.integers(0, 300, (3, 10)), jnp.int32)
+    mask = jnp.asarray([[0, 0, 0] + [1] * 7, [1] * 10, [0] * 6 + [1] * 4], jnp.int32)
+    return ids, mask
+
+
+@pytest.mark.parametrize("cfg,option", [(CFG, dict(attention="dot_product")), (GPT2, dict(remat=True)),
+                                        (CFG.replace(sliding_window=3), dict(attention="dot_product", remat=True))],
+                         ids=["llama-dot_product", "gpt2-remat", "window-both"])
+def test_compute_options_change_numbers_within_tolerance(cfg, option):
+    ids, mask = _left_padded_batch()
+    base, other = _model(cfg), _model(cfg.replace(**option))
+
+    def loss(m):
+        return ((m(ids, mask) * mask[..., None]) ** 2).mean()
+
+    np.testing.assert_allclose(other(ids, mask) * mask[..., None], base(ids, mask) * mask[..., None], atol=1e-5)
+    g_other = _grads(other, loss)
+    assert all(np.isfinite(np.asarray(v)).all() for v in g_other.values())
+    _close(g_other, _grads(base, loss), atol=1e-5)
+    seg = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10, [1, 1, 2, 2, 2, 3, 3, 3, 0, 0]], jnp.int32)
+    np.testing.assert_allclose(other.hidden(ids, segment_ids_BT=seg)[0], base.hidden(ids, segment_ids_BT=seg)[0],
+                               atol=1e-5)
+
+
+def test_bfloat16_compute_with_float32_weights_stays_close():
+    ids, mask = _left_padded_batch()
+    base, bf16 = _model(), _model(CFG.replace(dtype="bfloat16"))
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    lp32 = jax.nn.log_softmax(base(ids, mask))
+    lp16 = jax.nn.log_softmax(bf16(ids, mask))
+    assert lp16.dtype == jnp.float32
+    real = mask[..., None] > 0
+    assert float(jnp.abs(jnp.where(real, lp16 - lp32, 0)).max()) < 0.05
+
+
+def test_unknown_attention_implementation_is_refused():
+    with pytest.raises(ValueError, match="attention='flash'"):
+        CFG.replace(attention="flash")
+
+
+# ---------------------------------------------------------------- length buckets
+def test_pad_to_multiple_of_trims_left_padding_without_changing_losses(sft_data):
+    from pathlib import Path
+
+    from rlhf_jax import reward_model
+
+    full = next(batching.batches(sft_data, batch_size=4, shuffle=False))
+    short = next(batching.batches(sft_data, batch_size=4, shuffle=False, pad_to_multiple_of=32))
+    longest = int(full["attention_mask"].sum(1).max())
+    assert short["input_ids"].shape[1] == -(-longest // 32) * 32 < full["input_ids"].shape[1]
+    model = _model()
+    as_jnp = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    np.testing.assert_allclose(sft.sft_loss(model, as_jnp(short))[0], sft.sft_loss(model, as_jnp(full))[0], rtol=1e-5)
+
+    prefs = data_lib.preference_dataset(Path(__file__).parent / "fixtures" / "pref_ranked.jsonl", "byte",
+                                        max_length=64)
+    kw = dict(max_responses=8, max_pairs=8, shuffle=False, pair_weighting="per_pair")
+    p_full, p_short = (next(batching.batches(prefs, **kw, pad_to_multiple_of=m)) for m in (0, 8))
+    assert p_short["input_ids"].shape[1] < 64 and p_short["input_ids"].shape[1] % 8 == 0
+    rm = Transformer(CFG, rngs=nnx.Rngs(0), heads=("reward",))
+    np.testing.assert_allclose(reward_model.rm_loss(rm, as_jnp(p_short))[0], reward_model.rm_loss(rm, as_jnp(p_full))[0],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("stage,data,match", [
+    ("rm", dict(packing=True), "data.packing=True packs SFT examples"),
+    ("sft", dict(packing=True, pad_to_multiple_of=64), "data.pad_to_multiple_of=64"),
+    ("sft", dict(pad_to_multiple_of=-8), "data.pad_to_multiple_of=-8"),
+])
+def test_padding_options_are_checked_by_field(stage, data, match):
+    import ml_collections
+
+    from rlhf_jax.train import loop
+
+    cfg = ml_collections.ConfigDict(dict(stage=stage, data=dict(dict(packing=False, pad_to_multiple_of=0), **data)))
+    with pytest.raises(ValueError, match=match):
+        loop._check_padding(cfg)
