@@ -218,4 +218,4 @@ def test_gradient_at_reference_is_half_beta_times_log_ratio_gradient(pref_path):
     assert fd == pytest.approx(analytic, rel=2e-2)
     # IPO at the reference: every pair's loss is (0 − 1/(2β))².
     ipo = loss(params, loss_type="ipo")
-    assert float(ipo) == pytest.approx(float(w_P.sum()) / (2 * beta) ** 2, rel=1e-6)
+    assert float(ipo) == pytest.approx(float(w_P.sum()) / (2 * beta) ** 2, rel=1e-5)  # two fused programs, see above
