@@ -38,10 +38,9 @@ def _chunk_stats(h_CD: jax.Array, w_DV: jax.Array, targets_C: jax.Array, tempera
     logits_CV = jnp.dot(h_CD.astype(w_DV.dtype), w_DV, preferred_element_type=jnp.float32) / temperature
     lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
     logp_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0] - lse_C
-    stopped = jax.lax.stop_gradient(logits_CV)
-    p_CV = jnp.exp(stopped - jax.lax.stop_gradient(lse_C)[:, None])
-    entropy_C = jax.lax.stop_gradient(lse_C) - (p_CV * stopped).sum(-1)
-    return logp_C, (jnp.argmax(stopped, -1) == targets_C).astype(jnp.float32), entropy_C
+    logits_CV, lse_C = jax.lax.stop_gradient((logits_CV, lse_C))  # the rest are statistics
+    entropy_C = lse_C - (jnp.exp(logits_CV - lse_C[:, None]) * logits_CV).sum(-1)
+    return logp_C, (jnp.argmax(logits_CV, -1) == targets_C).astype(jnp.float32), entropy_C
 
 
 def selected_token_logprobs(model: Transformer, h_BTD: jax.Array, targets_BT: jax.Array, weight_BT: jax.Array,

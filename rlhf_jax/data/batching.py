@@ -316,30 +316,29 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
         raise ValueError(f"{dataset.source}: {len(dataset)} examples give no complete batch "
                          f"({plan_args}); use a smaller batch or drop_last=False")
 
-    def local(array: np.ndarray) -> np.ndarray:
-        size = len(array) // process_count
-        return array[process_index * size:(process_index + 1) * size]
+    def local(rows):
+        size = len(rows) // process_count
+        return rows[process_index * size:(process_index + 1) * size]
 
-    def build(plan: list[int]) -> dict[str, np.ndarray]:
+    def build(plan: list) -> dict[str, np.ndarray]:
         if dataset.kind == "preference":
             # Built globally: a group's pairs may point at rows of another process's slice.
             batch = preference_batch(dataset, plan, max_responses, max_pairs, response_mask=response_mask,
                                      pair_weighting=pair_weighting)
-            return {k: local(v) for k, v in _trim(batch, batch["attention_mask"]).items()}
+            return {k: local(v) for k, v in trim(batch, int(batch["attention_mask"].sum(1).max())).items()}
         if pack:
-            size = len(plan) // process_count
-            return packed_sft_batch(dataset, plan[process_index * size:(process_index + 1) * size])
+            return packed_sft_batch(dataset, local(plan))
         batch = (sft_batch if dataset.kind == "sft" else prompt_batch)(dataset, local(np.asarray(plan)))
         if dataset.kind == "sft" and pad_to_multiple_of:  # the global batch's longest row sets the length
-            return _trim(batch, sft_batch(dataset, plan)["attention_mask"])
+            return trim(batch, max((len(dataset.examples[i].input_ids) for i in plan if i >= 0), default=0))
         return batch
 
-    def _trim(batch: dict[str, np.ndarray], global_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """Drops the all-padding columns on the left, down to a multiple of pad_to_multiple_of."""
+    def trim(batch: dict[str, np.ndarray], longest: int) -> dict[str, np.ndarray]:
+        """Drops the all-padding columns on the left, down to the multiple of pad_to_multiple_of
+        that holds `longest` tokens."""
         if not pad_to_multiple_of:
             return batch
-        T = global_mask.shape[1]
-        longest = int(global_mask.sum(1).max()) if global_mask.size else 0
+        T = batch["input_ids"].shape[1]
         keep = min(T, max(1, -(-longest // pad_to_multiple_of)) * pad_to_multiple_of)
         return {k: v[:, T - keep:] if v.ndim == 2 and v.shape[1] == T else v for k, v in batch.items()}
 

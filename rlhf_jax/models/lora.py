@@ -82,6 +82,11 @@ class Adapter(nnx.Module):
         self.scale = scale
         self.enabled = True
 
+    def delta(self, dtype) -> jax.Array:
+        """The update A B · scale as one [din, dout] matrix, in `dtype`."""
+        a, b = self.a[...].astype(dtype), self.b[...].astype(dtype)
+        return jnp.dot(a, b) * jnp.asarray(self.scale, dtype)
+
     def __call__(self, x: jax.Array) -> jax.Array:
         h = jnp.dot(x, self.a[...].astype(x.dtype))
         return jnp.dot(h, self.b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)

@@ -357,7 +357,7 @@ class Transformer(nnx.Module):
         w_DV = self.lm_head.kernel[...].astype(dtype)
         adapter = self.lm_head.lora
         if adapter is not None and adapter.enabled:  # W + A B · scale, the adapted head as one matrix
-            w_DV = w_DV + adapter(jnp.eye(w_DV.shape[0], dtype=dtype))
+            w_DV = w_DV + adapter.delta(dtype)
         return w_DV
 
     def logits(self, h_BTD: jax.Array) -> jax.Array:
