@@ -204,8 +204,12 @@ def test_bfloat16_compute_with_float32_weights_stays_close():
 
 
 def test_unknown_attention_implementation_is_refused():
+    from rlhf_jax.models.load import resolve
+
     with pytest.raises(ValueError, match="attention='flash'"):
         CFG.replace(attention="flash")
+    with pytest.raises(ValueError, match=r"^model.attention='flash' is not one of \('einsum', 'dot_product'\)$"):
+        resolve(dict(init="tiny", tiny={}, attention="flash"))
 
 
 # ---------------------------------------------------------------- length buckets

@@ -23,7 +23,7 @@ from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data.tokenizer import load_tokenizer
 from rlhf_jax.models import lora
 from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, runtime_overrides, saved_heads, saved_meta
-from rlhf_jax.models.config import RUNTIME_OPTIONS, ModelConfig
+from rlhf_jax.models.config import ATTENTION_IMPLEMENTATIONS, RUNTIME_OPTIONS, ModelConfig
 from rlhf_jax.models.modeldef import ModelDef
 from rlhf_jax.models.transformer import Transformer
 
@@ -60,6 +60,8 @@ def resolve(spec: Any) -> Source:
         if kind == "pretrained" and not spec.get("path"):
             raise ValueError("model.init='pretrained' needs model.path (a Hugging Face directory)")
         options = {name: spec.get(name) for name in RUNTIME_OPTIONS}
+        if options["attention"] not in (None,) + ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={options['attention']!r} is not one of {ATTENTION_IMPLEMENTATIONS}")
         if kind == "tiny":
             return Source("tiny", tiny=dict(spec["tiny"]), options=options)
         source = resolve(spec["path"]) if spec.get("path") else Source("gguf")
