@@ -214,11 +214,16 @@ def _first_above(cum_BN: jax.Array, target_B: jax.Array, mass_BN: jax.Array) -> 
     return jnp.minimum(first_B, last_B).astype(jnp.int32)
 
 
-def _draw(w_BV: jax.Array, key: jax.Array) -> jax.Array:
+def _uniforms(key: jax.Array, b: int) -> jax.Array:
+    """The two uniforms [B, 2] in [0, 1) that `_draw` uses for one token of each row."""
+    return jax.random.uniform(key, (b, 2), jnp.float32)
+
+
+def _draw(w_BV: jax.Array, u_B2: jax.Array) -> jax.Array:
     """One index per row with probability w / sum(w) (w >= 0, a positive entry in every row),
     by inverse CDF in two levels: a block of `_BLOCK` entries by the blocks' masses, then an
-    entry of that block by its weights, each with its own uniform draw. Two draws of [B]
-    per call, instead of the [B, V] Gumbel noise of `jax.random.categorical`, and only
+    entry of that block by its weights, each with its own uniform (`u_B2`). Two uniforms a
+    row, instead of the [B, V] Gumbel noise of `jax.random.categorical`, and only
     block sums over the whole vocabulary. Each level resolves its uniform's 2^-23 steps
     relative to its own total, so a token's probability is off by at most ~2^-23 of its
     block's mass (float32 Gumbel-max is no finer)."""
@@ -227,7 +232,6 @@ def _draw(w_BV: jax.Array, key: jax.Array) -> jax.Array:
     nb = -(-v // c)
     w_BNC = jnp.pad(w_BV, ((0, 0), (0, nb * c - v))).reshape(b, nb, c)
     mass_BN = w_BNC.sum(-1)
-    u_B2 = jax.random.uniform(key, (b, 2), jnp.float32)
     cum_BN = jnp.cumsum(mass_BN, axis=-1)
     block_B = _first_above(cum_BN, u_B2[:, 0] * cum_BN[:, -1], mass_BN)
     w_BC = jnp.take_along_axis(w_BNC, block_B[:, None, None], axis=1)[:, 0]
@@ -245,6 +249,11 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, config: SamplingConfig) -
     before, but the tokens drawn for a given key differ from the Gumbel-max sampler's
     (`jax.random.categorical`) used up to this version.
     """
+    return _sample(logits_BV, None if config.greedy else _uniforms(key, logits_BV.shape[0]), config)
+
+
+def _sample(logits_BV: jax.Array, u_B2: jax.Array | None, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """`sample_token` with the row's two uniforms (`_uniforms`) already drawn (None when greedy)."""
     logits_BV = logits_BV.astype(jnp.float32)
     scaled_BV = logits_BV if config.greedy else logits_BV / config.temperature
     max_B1 = jnp.max(scaled_BV, axis=-1, keepdims=True)
@@ -252,10 +261,10 @@ def sample_token(logits_BV: jax.Array, key: jax.Array, config: SamplingConfig) -
     if config.greedy:
         tokens_B = _argmax(logits_BV)
     elif not config.top_k and config.top_p >= 1.0:
-        tokens_B = _draw(w_BV, key)
+        tokens_B = _draw(w_BV, u_B2)
     else:
         kept_BV = filter_logits(logits_BV, config)
-        tokens_B = _draw(jnp.exp(kept_BV - jnp.max(kept_BV, axis=-1, keepdims=True)), key)
+        tokens_B = _draw(jnp.exp(kept_BV - jnp.max(kept_BV, axis=-1, keepdims=True)), u_B2)
     # log_softmax(scaled) at the token, as jax.nn.log_softmax computes it, without the [B, V] result.
     at_B = jnp.take_along_axis(scaled_BV, tokens_B[:, None], axis=-1)[:, 0]
     return tokens_B, (at_B - max_B1[:, 0]) - jnp.log(jnp.sum(w_BV, axis=-1))
@@ -320,7 +329,12 @@ def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_
     cache = constrain(KVCache.create(cfg, b, p + n - 1))
     h_BPD, cache = model.hidden(ids_BP, mask_BP, cache=cache)
     h_B1D = jnp.take_along_axis(h_BPD, last_index(mask_BP)[:, None, None], axis=1)
-    tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], token_key(key, 0), config)
+    # Every step's uniforms, drawn before the loop in one vectorised call: the values that
+    # token_key(key, t) gives at step t (as `sample_token` draws them), without a small
+    # threefry loop of its own inside every decode step (~0.1 ms a step on CPU).
+    u_NB2 = None if config.greedy else jax.vmap(lambda t: _uniforms(token_key(key, t), b))(jnp.arange(n))
+    step_uniforms = lambda t: None if u_NB2 is None else jax.lax.dynamic_index_in_dim(u_NB2, t, keepdims=False)
+    tok_B, logp_B = _sample(model.logits(h_B1D)[:, 0], step_uniforms(0), config)
 
     stopped_B = is_stop(tok_B)
     tokens_BN = jnp.full((b, n), pad, jnp.int32).at[:, 0].set(tok_B)
@@ -339,7 +353,7 @@ def generate(model_def: ModelDef, params: Params | Sequence[Params], prompt_ids_
         # and its positions do not advance. (The stop token itself is fed unmasked; harmless.)
         prev_mask_B1 = jax.lax.dynamic_slice_in_dim(gen_mask_BN, t - 1, 1, axis=1)
         h_B1D, cache = model.hidden(prev_B1, prev_mask_B1, cache=cache)
-        tok_B, logp_B = sample_token(model.logits(h_B1D)[:, 0], token_key(key, t), config)
+        tok_B, logp_B = _sample(model.logits(h_B1D)[:, 0], step_uniforms(t), config)
         live_B = ~stopped_B
         tok_B = jnp.where(live_B, tok_B, pad)
         logp_B = jnp.where(live_B, logp_B, 0.0)

@@ -55,7 +55,7 @@ def test_draw_frequencies_match_the_weights_across_blocks():
     w[support[support >= 512]] *= 0.05
     probs = w / w.sum(dtype=np.float64)
     w_BV = jnp.broadcast_to(jnp.asarray(w), (ROWS, v))
-    counts = _counts(lambda k: sampling._draw(w_BV, k), v, seed=0)
+    counts = _counts(lambda k: sampling._draw(w_BV, sampling._uniforms(k, ROWS)), v, seed=0)
     assert counts[probs == 0].sum() == 0
     assert _chi2_ok(counts, probs)
     # Power: moving 5% of the mass of the most likely entry to the least likely one is rejected.
