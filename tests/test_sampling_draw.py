@@ -1,7 +1,7 @@
 """The per-token pieces of the sampler against plain NumPy references.
 
-`sample_token` draws by a two-level inverse CDF (`_draw`), finds top-k / top-p thresholds
-by bisection and greedy tokens by max + first index. Checked here: the draw's frequencies
+`sample_token` draws by a two-level inverse CDF (`_draw`), finds the top-p threshold
+(without top-k) by bisection and greedy tokens by max + first index. Checked here: the draw's frequencies
 against the target distribution (chi-square, with a power check that the same counts reject
 a slightly different distribution), the filters against a sort-based reference, greedy
 tokens and log-probs against argmax + log_softmax.
@@ -94,15 +94,13 @@ def test_sample_token_frequencies_match_the_filtered_softmax(config):
 
 
 def _reference_filter(x_BV, config):
-    """The kept tokens [B, V] by sorting, as Hugging Face's warpers define them: top-k keeps
-    the tokens >= the k-th largest logit (ties included), top-p the smallest prefix of those,
-    sorted, whose softmax (over all of them) reaches top_p, and the ties of its last token."""
+    """The kept tokens [B, V] by sorting: top-k keeps the tokens >= the k-th largest logit
+    (ties included); top-p the smallest prefix of the sorted top k (softmax over those k)
+    that reaches top_p, and the ties of its last token."""
     scaled = x_BV / config.temperature
     keep = np.ones_like(scaled, bool)
     for b, row in enumerate(scaled):
-        cand = np.sort(row)[::-1]
-        if config.top_k:
-            cand = cand[cand >= cand[config.top_k - 1]]
+        cand = np.sort(row)[::-1][:config.top_k or None]
         threshold = cand[-1]
         if config.top_p < 1.0:
             probs = _softmax(cand)
@@ -114,13 +112,11 @@ def _reference_filter(x_BV, config):
 
 def _prefix_mass_near(row, top_k, top_p, tol=1e-5):
     """Whether a prefix of the sorted (top-k) distribution has mass within tol of top_p."""
-    probs = np.sort(_softmax(row))[::-1]
-    if top_k:
-        probs = probs[probs >= probs[top_k - 1]]
+    probs = np.sort(_softmax(row))[::-1][:top_k or None]
     return np.abs(np.cumsum(probs / probs.sum()) - top_p).min() < tol
 
 
-@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (64, 1.0), (0, 0.9), (0, 0.3), (40, 0.8), (0, 1e-6)])
+@pytest.mark.parametrize("top_k,top_p", [(1, 1.0), (5, 1.0), (64, 1.0), (0, 0.9), (0, 0.3), (40, 0.8), (0, 1e-6), (5000, 0.5)])
 def test_filter_thresholds_equal_the_sort_based_definition(top_k, top_p):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((32, 5000)).astype(np.float32) * 2
