@@ -11,6 +11,11 @@ PPO recomputes from a full forward pass, so the first PPO ratio is exactly 1 (T 
 with T = 1). Every call needs a fresh key (`rollout_key(base, step)`, or a stream of its own
 from `rlhf_jax.rng`); decode step t uses `token_key(key, t)`, with partitionable threefry, so
 sharding does not change the tokens.
+
+Per token the sampler reads the [B, V] logits a few times and draws two uniforms per row (a
+two-level inverse CDF, `sample_token`), instead of Gumbel noise over [B, V] (threefry for
+every vocabulary entry, ~10 ms a step for B=16, V=50k on one CPU core). The distribution is
+unchanged; the tokens drawn for a given key differ from the Gumbel-max sampler used before.
 """
 
 from __future__ import annotations
@@ -155,7 +160,7 @@ def _argmax(x_BV: jax.Array) -> jax.Array:
 
 
 def _ordered(x: jax.Array) -> jax.Array:
-    """float32 -> int32 with the same order (the bisections below search over these)."""
+    """float32 -> int32 with the same order (the top-p bisection searches over these)."""
     i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
     return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
