@@ -14,7 +14,7 @@ sharding does not change the tokens.
 
 Per token the sampler reads the [B, V] logits a few times and draws two uniforms per row (a
 two-level inverse CDF, `sample_token`), instead of Gumbel noise over [B, V] (threefry for
-every vocabulary entry, ~10 ms a step for B=16, V=50k on one CPU core). The distribution is
+every vocabulary entry: ~12 ms a step for B=16, V=50k on one CPU core). The distribution is
 unchanged; the tokens drawn for a given key differ from the Gumbel-max sampler used before.
 """
 
