@@ -2,7 +2,7 @@
 
 A random Llama-shaped model is built with transformers, saved, and loaded with
 `rlhf_jax.models.load_pretrained`, so both sides run the same weights. Both decode greedily
-with the same batch, prompt length and number of new tokens, with no early stop (no stop id
+(or, with `--temperature T > 0`, sample from softmax(logits / T), no top-k/top-p) with the same batch, prompt length and number of new tokens, with no early stop (no stop id
 on our side, no EOS on theirs), so both produce exactly batch * new_tokens tokens per call.
 Each side is warmed up (our first call compiles), then timed over several rounds that
 alternate between the two; the table reports the median. By default each side computes on
@@ -10,6 +10,7 @@ one thread (`--threads`), which keeps timings stable on a shared machine.
 
     python benchmarks/generation.py                      # defaults: < 3 minutes on 2 cores
     python benchmarks/generation.py --batch 1 8 --new-tokens 128 --hidden 512 --layers 8
+    python benchmarks/generation.py --batch 1 16 --vocab 50258 --temperature 0.7   # GPT-2 vocabulary, sampling
 
 The table is printed and written into BENCHMARKS.md (between this benchmark's markers, so
 other sections are kept) with the command and the machine. `--no-write` only prints.
@@ -52,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (the rows of both sides can be compared); > 0: sampling at this "
+                        "temperature on both sides (different random streams: no comparison)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1,
                    help="1: one compute thread on each side (torch.set_num_threads(1), XLA without "
@@ -104,7 +108,9 @@ def bench_one(args, batch: int, hf_model, model_def, params, mesh):
     mask = np.ones_like(ids)
     n = args.new_tokens
 
-    config = SamplingConfig(max_new_tokens=n, temperature=0.0, stop_token_ids=(), pad_token_id=0)
+    config = SamplingConfig(max_new_tokens=n, temperature=args.temperature, stop_token_ids=(), pad_token_id=0)
+    sample = dict(do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0) if args.temperature else dict(
+        do_sample=False)
     generate = make_generate(model_def, mesh, config)
     key = jax.random.key(0)
     ours_out = {}
@@ -118,13 +124,14 @@ def bench_one(args, batch: int, hf_model, model_def, params, mesh):
 
     def theirs():
         with torch.inference_mode():
-            out = hf_model.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=n, do_sample=False,
+            out = hf_model.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=n, **sample,
                                     pad_token_id=0)
         hf_out["tokens"] = out[:, args.prompt_len:].numpy()
 
     t_ours, t_hf = time_interleaved([ours, theirs], args.repeats)
     assert hf_out["tokens"].shape == (batch, n), hf_out["tokens"].shape
-    same = float(np.mean(np.all(ours_out["tokens"] == hf_out["tokens"], axis=1)))
+    same = (float(np.mean(np.all(ours_out["tokens"] == hf_out["tokens"], axis=1))) if not args.temperature
+            else float("nan"))
     return dict(batch=batch, ours=batch * n / t_ours, hf=batch * n / t_hf, same=same)
 
 
@@ -135,6 +142,10 @@ def machine(load: tuple[float, ...]) -> str:
             f"1-minute load average {load[0]:.1f} before / {load[1]:.1f} after the run")
 
 
+def _fraction(x: float) -> str:
+    return "n/a" if np.isnan(x) else f"{x:.0%}"
+
+
 def table(args, n_params: int, rows) -> str:
     lines = ["| model | params | batch | prompt len | new tokens | ours tok/s | transformers tok/s | speedup "
              "| identical rows |",
@@ -142,7 +153,7 @@ def table(args, n_params: int, rows) -> str:
     name = f"llama d={args.hidden} L={args.layers} h={args.heads}/{args.kv_heads} V={args.vocab}"
     for r in rows:
         lines.append(f"| {name} | {n_params / 1e6:.2f}M | {r['batch']} | {args.prompt_len} | {args.new_tokens} "
-                     f"| {r['ours']:,.0f} | {r['hf']:,.0f} | {r['ours'] / r['hf']:.1f}× | {r['same']:.0%} |")
+                     f"| {r['ours']:,.0f} | {r['hf']:,.0f} | {r['ours'] / r['hf']:.1f}× | {_fraction(r['same'])} |")
     return "\n".join(lines)
 
 
@@ -166,7 +177,7 @@ def main(argv=None):
         rows.append(bench_one(args, batch, hf_model, model_def, params, mesh))
         r = rows[-1]
         print(f"batch {batch}: ours {r['ours']:,.0f} tok/s, transformers {r['hf']:,.0f} tok/s, "
-              f"identical rows {r['same']:.0%}", flush=True)
+              f"identical rows {_fraction(r['same'])}", flush=True)
     md = table(args, n_params, rows)
     print(md)
     elapsed = time.perf_counter() - start
@@ -177,7 +188,9 @@ def main(argv=None):
         body = "\n".join([
             "## Generation: compiled sampler vs transformers `generate`",
             "",
-            "Greedy decoding of a random Llama-shaped model (the same weights on both sides, no early "
+            ("Greedy decoding" if not args.temperature else f"Sampling at temperature {args.temperature:g} "
+             "(no top-k/top-p; the two sides draw from different random streams, so rows are not compared)")
+            + " of a random Llama-shaped model (the same weights on both sides, no early "
             "stop), new tokens per second, median of "
             f"{args.repeats} timed calls (alternating between the two sides) after a warm-up (our first call "
             "compiles; compilation is not in the timing). Ours: "

@@ -12,6 +12,7 @@ tokens, without a cache.
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,7 +20,7 @@ from flax import nnx
 from rlhf_jax import sharding
 from rlhf_jax.models import ModelConfig, Transformer
 from rlhf_jax.models import ModelDef
-from rlhf_jax.sampling import SamplingConfig, Samples, make_generate, rollout_key
+from rlhf_jax.sampling import SamplingConfig, Samples, make_generate, rollout_key, sample_token, token_key
 
 VOCAB = 32
 CFG = ModelConfig(model_type="llama", vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -152,6 +153,22 @@ def test_logprobs_are_untruncated_tempered_log_softmax(tiny, gen, forward):
     # The mask is a prefix; and the truncation really removed mass (else the test is vacuous).
     assert (np.diff(gen_mask, axis=1) <= 0).all()
     assert np.exp(want[real]).min() < 0.99
+
+
+def test_token_t_is_sample_token_with_token_key_t(tiny, gen, forward):
+    """`generate` draws every step's uniforms before its loop; token t is still what
+    `sample_token(logits, token_key(key, t))` draws (the chat engine draws its tokens so)."""
+    _, params, _ = tiny
+    ids, mask = _prompts(seed=4)
+    n, key = 6, jax.random.key(11)
+    config = SamplingConfig(max_new_tokens=n, temperature=1.2, top_k=10, pad_token_id=PAD)
+    out = gen(config)(params, ids, mask, key)
+    tokens = np.asarray(out.tokens)
+    p = ids.shape[1]
+    logits = forward(np.concatenate([ids, tokens], 1), np.concatenate([mask, np.ones_like(tokens)], 1))
+    for t in range(n):
+        want, _ = sample_token(jnp.asarray(logits[:, p + t - 1], jnp.float32), token_key(key, t), config)
+        np.testing.assert_array_equal(tokens[:, t], np.asarray(want))
 
 
 N_ROWS = 4096  # one compiled call; the per-token standard error is <= 0.5 / sqrt(4096) ~ 0.008
