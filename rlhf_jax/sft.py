@@ -12,7 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax.models import Transformer
+from rlhf_jax.models import Transformer, dense
 
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -35,7 +35,7 @@ class TokenStats(NamedTuple):
 
 def _chunk_stats(h_CD: jax.Array, w_DV: jax.Array, targets_C: jax.Array, temperature: float):
     """(log p(target), argmax hit, entropy) of C positions, float32."""
-    logits_CV = jnp.dot(h_CD.astype(w_DV.dtype), w_DV, preferred_element_type=jnp.float32) / temperature
+    logits_CV = dense(h_CD.astype(w_DV.dtype), w_DV, jnp.float32) / temperature
     lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
     logp_C = jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0] - lse_C
     logits_CV, lse_C = jax.lax.stop_gradient((logits_CV, lse_C))  # the rest are statistics

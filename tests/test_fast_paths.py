@@ -13,6 +13,7 @@ from rlhf_jax import sft
 from rlhf_jax.data import batching
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.config import ModelConfig
+from rlhf_jax.models import transformer
 from rlhf_jax.models.transformer import segment_positions
 
 CFG = ModelConfig(model_type="llama", vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -201,6 +202,42 @@ def test_bfloat16_compute_with_float32_weights_stays_close():
     assert lp16.dtype == jnp.float32
     real = mask[..., None] > 0
     assert float(jnp.abs(jnp.where(real, lp16 - lp32, 0)).max()) < 0.05
+
+
+@pytest.mark.parametrize("din,dout", [(6, 20), (20, 6)], ids=["narrow-input", "narrow-output"])
+@pytest.mark.parametrize("dtype,out", [(jnp.float32, None), (jnp.bfloat16, jnp.float32)], ids=["f32", "bf16-f32"])
+def test_dense_backward_on_cpu_equals_the_compilers(din, dout, dtype, out):
+    """`dense`'s written-out CPU backward (the weight gradient from an explicit transpose of
+    the narrower operand) gives XLA's own gradients of jnp.dot, in value and dtype."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, 5, din)), dtype)
+    w = jnp.asarray(rng.normal(size=(din, dout)), dtype)
+    dy = jnp.asarray(rng.normal(size=(2, 5, dout)), out or dtype)
+    y_ref, vjp_ref = jax.vjp(lambda a, b: jnp.dot(a, b, preferred_element_type=out), x, w)
+    y, vjp = jax.jit(lambda a, b, c: (lambda r: (r[0], r[1](c)))(jax.vjp(
+        lambda a, b: transformer._dense_cpu(a, b, out), a, b)))(x, w, dy)
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), rtol=1e-6)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for g, g_ref in zip(vjp, vjp_ref(dy)):
+        assert g.dtype == g_ref.dtype and g.shape == g_ref.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=tol, atol=tol)
+
+
+def test_model_gradients_do_not_depend_on_the_dense_backward(monkeypatch):
+    """The whole model's gradients (attention, MLP, LM head through the chunked logits) with
+    the CPU backward equal those with the compiler's."""
+    ids, mask = _left_padded_batch()
+    model = _model(GPT2)
+
+    def loss(m):
+        h, _ = m.hidden(ids, mask)
+        return sft.selected_token_logprobs(m, h[:, :-1], ids[:, 1:], mask[:, 1:].astype(jnp.float32),
+                                           chunk_size=8).logp.sum()
+
+    written = _grads(model, loss)
+    monkeypatch.setattr(transformer, "_dense_cpu", lambda x, w, t: jnp.dot(x, w, preferred_element_type=t))
+    _close(written, _grads(model, loss), atol=1e-5)
 
 
 def test_unknown_attention_implementation_is_refused():

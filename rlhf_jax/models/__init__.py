@@ -5,7 +5,7 @@ from rlhf_jax.models.checkpoints import load_gguf, load_pretrained, save_pretrai
 from rlhf_jax.models.config import ModelConfig
 from rlhf_jax.models.load import abstract_def, load_frozen, load_model, load_tokenizer_of, model_mesh
 from rlhf_jax.models.modeldef import ModelDef, cached_program, count
-from rlhf_jax.models.transformer import KVCache, Transformer, gather_last, last_index
+from rlhf_jax.models.transformer import KVCache, Transformer, dense, gather_last, last_index
 
 __all__ = [
     "KVCache",
@@ -15,6 +15,7 @@ __all__ = [
     "abstract_def",
     "cached_program",
     "count",
+    "dense",
     "gather_last",
     "last_index",
     "load_frozen",

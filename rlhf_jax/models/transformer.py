@@ -19,6 +19,7 @@ the fine-tuning runs this project targets do not use it either.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -43,6 +44,46 @@ def _param(init: Initializer, rngs: nnx.Rngs, shape, dtype, axes) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
 
+def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+    """x @ w, contracting x's last axis with w's first (w [in, out]).
+
+    On CPU the backward pass is written out (`_dense_cpu`): left to itself, XLA:CPU computes
+    the weight gradient x^T dy by transposing the [tokens, out] gradient inside the fusion
+    that produces it, a strided loop at ~60 ns an element (profiled: 1.0 s of a 4.4 s
+    reward-model backward at d256, 4,096 tokens, with the matmuls themselves at ~0.4 s).
+    Elsewhere (GPU, TPU) the compiler's own gradient is kept."""
+    if jax.default_backend() == "cpu":
+        return _dense_cpu(x, w, preferred_element_type)
+    return jnp.dot(x, w, preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_cpu(x, w, preferred_element_type):
+    return jnp.dot(x, w, preferred_element_type=preferred_element_type)
+
+
+def _dense_cpu_fwd(x, w, preferred_element_type):
+    return _dense_cpu(x, w, preferred_element_type), (x, w)
+
+
+def _dense_cpu_bwd(preferred_element_type, res, dy):
+    x, w = res
+    x_ND, dy_NF = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    dx = jnp.dot(dy, w.T.astype(dy.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+    # The weight gradient from an explicit transpose of the narrower operand, kept a separate
+    # op (optimization_barrier) so that the simplifier cannot fold it back into the dot.
+    if x_ND.shape[1] <= dy_NF.shape[1]:
+        x_DN = jax.lax.optimization_barrier(x_ND.T.astype(dy.dtype))
+        dw = jnp.dot(x_DN, dy_NF, preferred_element_type=jnp.float32)
+    else:
+        dy_FN = jax.lax.optimization_barrier(dy_NF.T)
+        dw = jnp.dot(dy_FN, x_ND.astype(dy.dtype), preferred_element_type=jnp.float32).T
+    return dx, dw.astype(w.dtype)
+
+
+_dense_cpu.defvjp(_dense_cpu_fwd, _dense_cpu_bwd)
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias), kernel stored [in, out] with logical axis names; plus, when a
     LoRA adapter is attached (`rlhf_jax.models.lora.attach`) and enabled, (x @ A) @ B · alpha/rank."""
@@ -57,7 +98,7 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+        y = dense(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None and self.lora.enabled:
@@ -363,7 +404,7 @@ class Transformer(nnx.Module):
     def logits(self, h_BTD: jax.Array) -> jax.Array:
         """Next-token logits [B, T, V] in float32."""
         w_DV = self.unembedding()
-        return jnp.dot(h_BTD.astype(w_DV.dtype), w_DV, preferred_element_type=jnp.float32)
+        return dense(h_BTD.astype(w_DV.dtype), w_DV, jnp.float32)
 
     def values(self, h_BTD: jax.Array) -> jax.Array:
         """Per-token value estimates [B, T] in float32."""
