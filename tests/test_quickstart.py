@@ -68,7 +68,9 @@ def test_ppo_config_with_learned_rm_raises_score(ppo_from_config):
     out_dir, stdout = ppo_from_config
     score = np.array([m["ppo/score"] for m in read_metrics(out_dir)])
     assert len(score) == 16
-    assert score[-4:].mean() > score[:4].mean() + 0.5, score
+    # Iteration 0 scores the initial policy's rollouts; every later one follows updates (the
+    # score can rise within two or three iterations, so a mean over the first four is no baseline).
+    assert score[-4:].mean() > score[0] + 0.5, score
     assert "samples at PPO iteration 8" in stdout
 
 
