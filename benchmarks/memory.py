@@ -506,8 +506,9 @@ def main(argv=None):
             "through the stage's entry point from its config and compiled, never run, in a fresh subprocess per "
             "cell. Arguments: parameters, optimizer state and the batch; XLA peak estimate = arguments + outputs − "
             "outputs aliased to donated arguments + temporaries. Saved for backward: the values the forward pass "
-            "of one micro-batch keeps for the backward pass, from JAX's saved residuals of the loss "
-            "(backend-independent). Peak RSS: the subprocess's, building the stage and compiling. Dots in step: "
+            "of one micro-batch keeps for the backward pass, from JAX's saved residuals of the loss, before any "
+            "backend (it can exceed the temporaries: XLA fuses and recomputes some of these values). Peak RSS: the "
+            "subprocess's, building the stage and compiling (the step never runs). Dots in step: "
             "matrix products in the compiled program (in bfloat16). Method and settings: the docstring of "
             "`benchmarks/memory.py`.",
             "",
