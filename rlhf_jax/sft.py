@@ -66,12 +66,19 @@ def selected_token_logprobs(model: Transformer, h_BTD: jax.Array, targets_BT: ja
     pad = num_chunks * c - n
     h_KCD = jnp.pad(h_BTD.reshape(n, d)[order_N], ((0, pad), (0, 0))).reshape(num_chunks, c, d)
     tgt_KC = jnp.pad(targets_N[order_N], (0, pad)).reshape(num_chunks, c)
-    chunk = jax.checkpoint(functools.partial(_chunk_stats, temperature=temperature))
+    stats = functools.partial(_chunk_stats, temperature=temperature)
+    skipped = lambda h, w, y: (jnp.zeros((c,), jnp.float32),) * 3
+
+    # The skip sits inside the rematerialised function: its residuals are then its inputs,
+    # and the scan keeps the loop-invariant w_DV once. (With the cond outside, the cond's own
+    # residuals made w_DV a per-chunk output of the scan: a [chunks, D, V] copy.)
+    @jax.checkpoint
+    def chunk(read, h_CD, w_DV, tgt_C):
+        return jax.lax.cond(read, stats, skipped, h_CD, w_DV, tgt_C)
 
     def body(_, xs):
         k, h_CD, tgt_C = xs
-        skipped = lambda h, w, y: (jnp.zeros((c,), jnp.float32),) * 3
-        return None, jax.lax.cond(k * c < count, chunk, skipped, h_CD, w_DV, tgt_C)
+        return None, chunk(k * c < count, h_CD, w_DV, tgt_C)
 
     _, stats_KC = jax.lax.scan(body, None, (jnp.arange(num_chunks), h_KCD, tgt_KC))
     keep_BT = read_N.reshape(b, t)

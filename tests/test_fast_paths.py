@@ -74,6 +74,24 @@ def test_selected_token_logprobs_equal_full_logits(chunk):
            _grads(model, lambda m: (full(m, h_BTD)[0]).sum()), atol=2e-5)
 
 
+def test_chunked_logits_keep_one_copy_of_the_lm_head_for_the_backward_pass():
+    """What the forward pass saves for the backward pass holds the [D, V] head once, not once
+    per chunk (a cond around the rematerialised chunk made it a [chunks, D, V] scan output)."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    model = _model(CFG.replace(tie_embeddings=False))
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+    h_BTD = jnp.ones((2, 64, 32))
+    weight_BT = jnp.ones((2, 64)).at[1, 40:].set(0.0)  # the last chunks are skipped
+
+    def loss(p, h):
+        return sft.selected_token_logprobs(nnx.merge(graph, p, rest), h, jnp.zeros((2, 64), jnp.int32), weight_BT,
+                                           chunk_size=16).logp.sum()
+
+    big = [r.shape for r, _ in saved_residuals(loss, params, h_BTD) if r.size >= 32 * 300]
+    assert big == [(32, 300)], big
+
+
 def test_chunked_logits_read_an_adapted_lm_head(mesh):
     """A LoRA adapter on an untied LM head is part of the matrix the chunked logits use."""
     from rlhf_jax.models import lora
