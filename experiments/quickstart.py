@@ -1,4 +1,4 @@
-"""The whole RLHF pipeline on a built-in task, in about two and a half minutes on 2 CPU cores.
+"""The whole RLHF pipeline on a built-in task, in about two minutes on 2 CPU cores.
 
     python -m rlhf_jax.main --config experiments/quickstart.py --workdir runs/quickstart
 
@@ -16,8 +16,8 @@ alignment-tax table (held-out demonstration loss of SFT, PPO and PPO-ptx) compar
 printed (seed 0, 201 s of pipeline) 0.576, 2.646 and 0.711 nats/token at gold scores +0.095,
 +0.999 and +0.889 (PPO-ptx's KL to SFT 6.56 nats; SFT, RM and PPO are the ones below).
 
-What it printed (seed 0; 119 s of pipeline on 2 CPU cores, from a fresh clone with only
-`pip install -e .`; the PPO row of experiments/algorithms.py gives the same figures):
+What it printed (seed 0; 94 s of pipeline on 2 idle CPU cores, the same figures on a fresh clone
+with only `pip install -e .`; the PPO row of experiments/algorithms.py gives the same figures):
 
 | policy | gold score | RM accuracy | KL to SFT (nats) |
 |--------|-----------:|------------:|-----------------:|
