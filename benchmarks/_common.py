@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the environment JAX must see before it starts, the
-machine's description, and writing one section of BENCHMARKS.md.
+machine's description, running one measurement in a fresh process, and writing one section
+of BENCHMARKS.md.
 
 Import this module before `jax`: XLA reads its flags when JAX starts, so `--threads 1`
 (the default) is applied here, from the command line, before any script imports JAX.
@@ -10,11 +11,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _threads_from_argv() -> int:
@@ -50,3 +55,20 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def run_in_fresh_process(script: str, flags: list[str], spec: dict, marker: str, what: str, **env_extra) -> dict:
+    """Runs `script --worker SPEC` (plus `flags`) in a fresh Python process, without a
+    persistent compilation cache (every measurement compiles from scratch), and returns the
+    dict its worker printed on the line starting with `marker`; a failed worker raises with
+    `what` and the tail of its output."""
+    cmd = [sys.executable, str(Path(script).resolve()), *flags, "--worker", json.dumps(spec)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+               TOKENIZERS_PARALLELISM="false", **env_extra)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    for line in proc.stdout.splitlines():
+        if line.startswith(marker):
+            return json.loads(line[len(marker):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    raise RuntimeError(f"worker {what} failed (exit {proc.returncode}):\n" + "\n".join(tail))

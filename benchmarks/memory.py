@@ -87,7 +87,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -312,18 +311,9 @@ def prepare_tokenizer(spec: dict) -> dict:
 
 def run_worker(spec: dict, threads: int, scheduler: str) -> dict:
     """Runs one cell in a fresh Python process; its result dict (or the error)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), "--cpu-scheduler", scheduler,
-           "--worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               TOKENIZERS_PARALLELISM="false")
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # every cell compiles from scratch
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
     what = f"{spec.get('stage')}/{spec.get('setting')}" if "stage" in spec else spec["task"]
-    raise RuntimeError(f"worker {what} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return _common.run_in_fresh_process(__file__, ["--threads", str(threads), "--cpu-scheduler", scheduler], spec,
+                                        RESULT, what)
 
 
 def worker_main(spec: dict) -> None:

@@ -75,7 +75,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -637,16 +636,8 @@ SIDE_NAMES = {"ours": "ours", "trl": "TRL", "torch": "PyTorch loop", "hf": "tran
 
 def run_worker(spec: dict, threads: int) -> dict:
     """Runs one measurement in a fresh Python process; its result dict (or the error)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--threads", str(threads), "--worker", json.dumps(spec)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-               TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # a persistent cache would hide the compile time
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-    raise RuntimeError(f"worker {spec['workload']}/{spec['side']} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+    return _common.run_in_fresh_process(__file__, ["--threads", str(threads)], spec, RESULT,
+                                        f"{spec['workload']}/{spec['side']}", TRL_EXPERIMENTAL_SILENCE="1")
 
 
 def worker_main(spec: dict, threads: int) -> None:
