@@ -36,11 +36,14 @@ ours, theirs, ...) for `--repeats` rounds; each subprocess runs `--warmup` untim
 (our first step compiles), then `--steps` timed ones; a table cell is the median over all
 timed steps of all rounds. Steps are timed end to end, batch fetch included, on both sides
 (for the TRL trainers: from one `on_step_end` callback to the next). "first step" is the
-first step's time (ours: mostly XLA compilation), reported apart. By default each side
+first step's time (ours: mostly XLA compilation), reported apart; a timed step whose batch
+has a shape not met before (packed RM batches vary in row count) first runs once untimed, and
+those compilations are reported beside the first step ("+k shapes"). By default each side
 computes on one thread (`--threads 1`): on this shared 2-core machine 2-thread runs varied
 about 10x between identical calls (see BENCHMARKS.md, generation).
 
-Model FLOPs (useful work, the same formula on both sides, from the real tokens of each row):
+Model FLOPs (useful work, the same formula on both sides, from the real tokens of each row,
+or of each sequence of a packed row):
 a forward pass over a row of t real tokens costs 2*N*t + 4*L*d_attn*t^2 (N: the parameters
 in matmuls, i.e. all but the input and position embeddings, with the LM head counted once
 even when tied; L layers; d_attn = heads * head_dim; the attention term is QK^T and AV over
@@ -310,6 +313,16 @@ def _rows(mask) -> list[int]:
     return [int(x) for x in m.reshape(-1, m.shape[-1]).sum(-1) if x > 0]
 
 
+def _sequence_lengths(batch: dict) -> list[int]:
+    """The real tokens of each sequence of one of our batches: of each row, or of each
+    sequence of a packed row (so that attention is counted per sequence, t^2, not per row)."""
+    import numpy as np
+    if "segment_ids" not in batch:
+        return _rows(batch["attention_mask"])
+    seg = np.asarray(batch["segment_ids"])
+    return [int(n) for row in seg.reshape(-1, seg.shape[-1]) for n in np.bincount(row)[1:] if n > 0]
+
+
 def worker_ours_train(spec: dict) -> dict:
     """SFT / RM / scaling step through `rlhf_jax.train.loop.build`."""
     import jax
@@ -321,17 +334,27 @@ def worker_ours_train(spec: dict) -> dict:
         r, _ = loop.build(cfg, workdir)
         build_s = time.perf_counter() - t0
         batches = r.stacked_batches(0)
-        times, rows, units = [], [], []
-        for _ in range(spec["warmup"] + spec["steps"]):
+        times, rows, units, compiles, shapes = [], [], [], [], set()
+        for i in range(spec["warmup"] + spec["steps"]):
             t0 = time.perf_counter()
             batch = next(batches)
+            if i >= spec["warmup"] and batch["input_ids"].shape not in shapes:
+                # Packed RM batches vary in row count: a count not met yet compiles a program
+                # first. That step runs once untimed (and is reported apart) before the timed one.
+                r.state, metrics = r.train_step(r.state, dict(zip(batch, r.rt.to_global(batch.values(),
+                                                                                          stacked=True))))
+                jax.block_until_ready(metrics)
+                compiles.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            shapes.add(batch["input_ids"].shape)
             r.state, metrics = r.train_step(r.state, dict(zip(batch, r.rt.to_global(batch.values(), stacked=True))))
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
-            rows.append(_rows(batch["attention_mask"]))
+            rows.append(_sequence_lengths(batch))
             units.append(float(batch["pair_mask"].sum()) if "pair_mask" in batch else float(sum(rows[-1])))
         loss = float(jax.device_get(metrics["loss"]))
-    return dict(times=times, rows=rows, units=units, build_s=build_s, loss=loss, applied=applied)
+    return dict(times=times, rows=rows, units=units, build_s=build_s, loss=loss, applied=applied,
+                more_compiles=compiles)
 
 
 def worker_torch_sft(spec: dict) -> dict:
@@ -673,8 +696,9 @@ def summarize_steps(results: list[dict], warmup: int) -> dict:
         units += r["units"][warmup:] if "units" in r else [float(r["new_tokens"])] * len(r["times"][warmup:])
         rows += r["rows"][warmup:] if "rows" in r else []
     step = statistics.median(times)
+    more = [c for r in results for c in r.get("more_compiles", [])]  # untimed first steps of new shapes
     return dict(step_s=step, rate=statistics.median(u / t for u, t in zip(units, times)), first_s=_median(first),
-                rows=rows, n=len(times), rss_mib=max(r["rss_mib"] for r in results))
+                rows=rows, n=len(times), rss_mib=max(r["rss_mib"] for r in results), more_compiles=more)
 
 
 def training_table(name: str, unit: str, arch_rows: list[dict], sides: tuple[str, ...]) -> str:
@@ -691,7 +715,8 @@ def training_table(name: str, unit: str, arch_rows: list[dict], sides: tuple[str
         cells = [r["model"]] + [fmt(s[x]["rate"], 1 if s[x]["rate"] < 100 else 0) for x in sides]
         cells += [ratio(s["ours"]["rate"], s[x]["rate"]) for x in theirs]
         cells += [f"{fmt(s[x]['flops'] / 1e9, 2)} ({s[x]['flops'] / r['peak']:.1%})" for x in sides]
-        cells += [fmt(s[x]["first_s"], 2) for x in sides]
+        cells += [fmt(s[x]["first_s"], 2) + (f" (+{len(s[x]['more_compiles'])} shapes, {sum(s[x]['more_compiles']):.1f} s)"
+                                             if s[x].get("more_compiles") else "") for x in sides]
         cells += [" / ".join(fmt(s[x]["rss_mib"]) for x in sides)]
         lines.append("| " + " | ".join(cells) + " |")
     return f"**{name}**\n\n" + "\n".join(lines)
@@ -881,42 +906,48 @@ def main(argv=None):
                 elif wl == "gen":
                     sections["gen"] += run_gen(args, arch, model_dir, shape, peak_flops, spec)
     scale = run_scale(args, peak_flops, base) if "scale" in args.workloads else []
-    tables = []
+    tables = {}
     if sections["sft"]:
-        tables.append(training_table("SFT step (non-pad tokens/s)", "tok/s", sections["sft"], SIDES["sft"]))
+        tables["sft"] = training_table("SFT step (non-pad tokens/s)", "tok/s", sections["sft"], SIDES["sft"])
     if sections["rm"]:
-        tables.append(training_table("RM step (pairs/s)", "pairs/s", sections["rm"], SIDES["rm"]))
+        tables["rm"] = training_table("RM step (pairs/s)", "pairs/s", sections["rm"], SIDES["rm"])
     if sections["ppo"]:
-        tables.append(ppo_table(sections["ppo"]))
+        tables["ppo"] = ppo_table(sections["ppo"])
     if sections["gen"]:
-        tables.append(training_table("Sampling (new tokens/s)", "tok/s", sections["gen"], SIDES["gen"]))
+        tables["gen"] = training_table("Sampling (new tokens/s)", "tok/s", sections["gen"], SIDES["gen"])
     if scale:
-        tables.append(scaling_table(scale))
+        tables["scale"] = scaling_table(scale)
     elapsed = time.perf_counter() - start
     load = (load_before, os.getloadavg()[0])
-    md = "\n\n".join(tables)
-    print(md)
+    print("\n\n".join(tables.values()))
     print(f"{elapsed:.0f} s in all; {machine(load, peak, args.threads)}")
     if not args.no_write:
         command = "python benchmarks/side_by_side.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
-        body = "\n".join([
-            "## Side by side: rlhf_jax vs TRL / PyTorch",
-            "",
-            "Each cell: the median over timed steps of fresh subprocesses, the sides alternating, warm-up "
-            "steps excluded; first step (ours: XLA compilation) apart. Same models (random weights, float32, "
-            "vocabulary 50,258), data, batches and threads on both sides. Model FLOPs: a forward over a row "
-            "of t real tokens is 2·N·t + 4·L·d_attn·t² (N: matmul parameters, the LM head counted once), "
-            "training 3× that; MFU against the float32 matmul peak measured in the run. Method and workloads: "
-            "the docstring of `benchmarks/side_by_side.py`.",
-            "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine(load, peak, args.threads)}. The whole run took {elapsed:.0f} s.",
-            "",
-            md,
-        ])
-        _common.write_section(Path(args.output), "side_by_side", body)
+        write_tables(Path(args.output), tables, command, f"{machine(load, peak, args.threads)}. The whole run took "
+                     f"{elapsed:.0f} s")
         print(f"wrote {args.output}")
+
+
+INTRO = "\n".join([
+    "## Side by side: rlhf_jax vs TRL / PyTorch",
+    "",
+    "Each cell: the median over timed steps of fresh subprocesses, the sides alternating, warm-up "
+    "steps excluded; first step (ours: XLA compilation) apart. Same models (random weights, float32, "
+    "vocabulary 50,258), data, batches and threads on both sides. Model FLOPs: a forward over a "
+    "sequence of t real tokens is 2·N·t + 4·L·d_attn·t² (N: matmul parameters, the LM head counted once), "
+    "training 3× that; MFU against the float32 matmul peak measured in the run. Method and workloads: "
+    "the docstring of `benchmarks/side_by_side.py`. Each table below says which run measured it: a run "
+    "of some workloads rewrites only their tables.",
+])
+
+
+def write_tables(path: Path, tables: dict[str, str], command: str, machine_line: str) -> None:
+    """Writes the section's introduction and each measured table, with its command and machine,
+    into BENCHMARKS.md; the tables of workloads this run did not measure are kept."""
+    _common.write_section(path, "side_by_side", INTRO)
+    for key, table in tables.items():
+        _common.write_section(path, f"side_by_side/{key}", "\n".join(
+            [table, "", f"Command: `{command}`", "", f"Machine: {machine_line}."]))
 
 
 if __name__ == "__main__":

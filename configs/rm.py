@@ -8,7 +8,8 @@ training its scores are normalised (mean 0, std 1 on the held-out responses) and
 bias are saved with it. Each sequence keeps its response and as much of the end of the prompt
 as fits in data.max_length (at most data.max_prompt_length when set); pairs whose two sides
 are still the same tokens are dropped and counted (summary.json: dropped_pairs). A ranked
-prompt's pairs share one prompt's weight (rm.pair_weighting='per_prompt'). To start from an SFT run: --config.model.init=pretrained
+prompt's pairs share one prompt's weight (rm.pair_weighting='per_prompt'). A batch's responses
+are packed several to a row (data.packing; --config.data.packing=False pads one per row). To start from an SFT run: --config.model.init=pretrained
 --config.model.path=runs/sft/model. Variants: `tiny` (default), `smollm2` (see
 experiments/rm_hh_smollm2.py).
 """
@@ -29,6 +30,7 @@ def get_config(arg=None):
     c.data.path = "../shared/data/hh_rlhf_harmless_dev.jsonl.gz"
     c.data.on_bad_row = "skip"  # 4 rows of this file have an empty chosen response
     c.data.max_length = 256
+    c.data.packing = True  # several responses to a row of max_length tokens (HH lengths vary widely)
     c.data.eval_fraction = 0.1
     c.rm.max_responses = 16  # 8 pairs of 2 responses per batch
     c.rm.max_pairs = 8

@@ -2,7 +2,9 @@
 and scoring text with the RM's own tokenizer.
 
 A training batch holds N responses (one forward pass each) and P pairs indexing them, so the
-pairs of one prompt share the passes of its K responses (InstructGPT).
+pairs of one prompt share the passes of its K responses (InstructGPT). The responses sit one
+per left-padded row, or packed several to a row (`data.packed_preference_batch`); either way
+the trunk's last layer runs only at the tokens whose score is read (`Transformer.hidden_at`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import encode_prompt_response, left_pad
 from rlhf_jax.data.batching import PAIR_WEIGHTINGS
-from rlhf_jax.models import ModelDef, Transformer, cached_program, gather_last, load_model, model_mesh, to_host
+from rlhf_jax.models import ModelDef, Transformer, cached_program, last_index, load_model, model_mesh, to_host
 from rlhf_jax.models.load import resolve, saved_scoring
 
 # The RM's max_length when it was saved without scoring settings (a foreign checkpoint, or one
@@ -29,9 +31,27 @@ _logged: set[tuple] = set()  # (source, setting, given, saved) mismatches alread
 
 
 def raw_scores(model: Transformer, input_ids_NT: jax.Array, attention_mask_NT: jax.Array) -> jax.Array:
-    """Reward-head output at the last real token [N], before normalisation."""
-    h_NTD, _ = model.hidden(input_ids_NT, attention_mask_NT)
-    return gather_last(model.raw_rewards(h_NTD), attention_mask_NT)
+    """Reward-head output at the last real token of each row [N], before normalisation."""
+    rows_N = jnp.arange(input_ids_NT.shape[0])
+    return model.raw_rewards(model.hidden_at(input_ids_NT, attention_mask_NT, rows_N, last_index(attention_mask_NT)))
+
+
+def batch_raw_scores(model: Transformer, batch: dict) -> jax.Array:
+    """`raw_scores` of a preference batch's N responses, one per row or packed
+    (`segment_ids`, `response_row`, `response_end`; an unused slot's score is a real token's,
+    which no pair reads)."""
+    if "segment_ids" not in batch:
+        return raw_scores(model, batch["input_ids"], batch["attention_mask"])
+    rows_N, ends_N = (jnp.maximum(batch[k], 0) for k in ("response_row", "response_end"))
+    return model.raw_rewards(model.hidden_at(batch["input_ids"], None, rows_N, ends_N,
+                                             segment_ids_BT=batch["segment_ids"]))
+
+
+def responses_in(batch: dict) -> np.ndarray:
+    """bool [N]: which of a (host) preference batch's response slots hold a response."""
+    if "response_end" in batch:
+        return np.asarray(batch["response_end"]) >= 0
+    return np.asarray(batch["attention_mask"]).sum(-1) > 0
 
 
 def scores(model: Transformer, input_ids_NT: jax.Array, attention_mask_NT: jax.Array) -> jax.Array:
@@ -48,7 +68,7 @@ def rm_loss(model: Transformer, batch: dict, *, center_rewards_coef: float = 0.0
     (or when the batch has no `pair_weight`). accuracy counts an exact tie r₊ = r₋ as 0.5 and
     `ties` reports how often one occurred (identical inputs, or a constant head).
     """
-    r_N = raw_scores(model, batch["input_ids"], batch["attention_mask"])
+    r_N = batch_raw_scores(model, batch)
     r_chosen_P = r_N[batch["chosen_idx"]]
     r_rejected_P = r_N[batch["rejected_idx"]]
     mask_P = batch["pair_mask"].astype(jnp.float32)
@@ -76,12 +96,14 @@ def rm_loss(model: Transformer, batch: dict, *, center_rewards_coef: float = 0.0
 
 
 def batch_kwargs(cfg) -> dict:
-    """`data.batches` arguments of a reward-model micro-batch (`cfg.rm`'s sizes and weighting)."""
+    """`data.batches` arguments of a reward-model micro-batch (`cfg.rm`'s sizes and weighting,
+    `cfg.data`'s padding or packing)."""
     weighting = cfg.rm.get("pair_weighting", "per_prompt")
     if weighting not in PAIR_WEIGHTINGS:
         raise ValueError(f"rm.pair_weighting={weighting!r} is not one of {list(PAIR_WEIGHTINGS)}")
     return dict(max_responses=int(cfg.rm.max_responses), max_pairs=int(cfg.rm.max_pairs), pair_weighting=weighting,
-                pad_to_multiple_of=int(cfg.data.get("pad_to_multiple_of", 0)))
+                pad_to_multiple_of=int(cfg.data.get("pad_to_multiple_of", 0)),
+                pack=bool(cfg.data.get("packing", False)), row_multiple=int(cfg.data.get("packed_rows_multiple", 1)))
 
 
 def normalisation(raw: np.ndarray) -> tuple[float, float]:

@@ -98,3 +98,21 @@ def test_tables(sbs):
                                         rss_mib=1.0)], warmup=1)
     assert (summary["step_s"], summary["rate"], summary["first_s"], summary["rows"]) == (3.0, 3.0, 5.0, [[8], [8]])
     assert np.isclose(sbs.summarize_steps([dict(times=[1.0, 2.0], new_tokens=64, rss_mib=1.0)], 1)["rate"], 32.0)
+
+
+def test_sequence_lengths_count_each_packed_sequence(sbs):
+    mask = np.array([[[0, 1, 1, 1], [1, 1, 0, 0]]])
+    assert sbs._sequence_lengths({"attention_mask": mask}) == [3, 2]
+    seg = np.array([[[1, 1, 2, 0], [1, 2, 2, 3]]])
+    assert sbs._sequence_lengths({"attention_mask": (seg > 0).astype(int), "segment_ids": seg}) == [2, 1, 1, 2, 1]
+
+
+def test_a_run_of_some_workloads_rewrites_only_their_tables(sbs, tmp_path):
+    out = tmp_path / "BENCHMARKS.md"
+    sbs.write_tables(out, {"sft": "SFT table 1", "rm": "RM table 1"}, "cmd 1", "machine 1")
+    sbs.write_tables(out, {"rm": "RM table 2"}, "cmd 2", "machine 2")
+    text = out.read_text()
+    assert text.count("## Side by side") == 1
+    assert "SFT table 1" in text and "cmd 1" in text and "RM table 2" in text and "cmd 2" in text
+    assert "RM table 1" not in text
+    assert text.index("## Side by side") < text.index("SFT table 1") < text.index("RM table 2")

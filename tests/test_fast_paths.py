@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import sft
+from rlhf_jax import reward_model, sft
 from rlhf_jax.data import batching
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.config import ModelConfig
@@ -151,6 +151,26 @@ def test_packed_rows_give_each_sequence_its_own_hidden_states(cfg):
     np.testing.assert_allclose(h[0, 5:12], model.hidden(jnp.asarray(b[None]))[0][0], atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg,option", [(CFG, {}), (GPT2, {}), (CFG.replace(sliding_window=3), {}),
+                                        (CFG, dict(attention="dot_product", remat=True))],
+                         ids=["llama", "gpt2", "window", "dot_product-remat"])
+def test_hidden_at_a_few_tokens_equals_the_full_pass_there(cfg, option):
+    """The last layer run only at the read tokens gives the full pass's hidden states there, in
+    left-padded rows and in packed rows (one read per sequence), and the same gradients."""
+    model = _model(cfg.replace(**option))
+    ids, mask = _left_padded_batch()
+    rows, cols = jnp.asarray([0, 1, 2, 1]), jnp.asarray([9, 9, 9, 4])
+    full = model.hidden(ids, mask)[0]
+    np.testing.assert_allclose(model.hidden_at(ids, mask, rows, cols), full[rows, cols], atol=1e-5)
+    seg = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10, [1, 1, 2, 2, 2, 3, 3, 3, 0, 0]], jnp.int32)
+    rows, cols = jnp.asarray([0, 0, 1, 2, 2, 2]), jnp.asarray([3, 9, 9, 1, 4, 7])
+    full = model.hidden(ids, segment_ids_BT=seg)[0]
+    np.testing.assert_allclose(model.hidden_at(ids, None, rows, cols, segment_ids_BT=seg), full[rows, cols],
+                               atol=1e-5)
+    _close(_grads(model, lambda m: (m.hidden_at(ids, None, rows, cols, segment_ids_BT=seg) ** 2).sum()),
+           _grads(model, lambda m: (m.hidden(ids, segment_ids_BT=seg)[0][rows, cols] ** 2).sum()), atol=1e-4)
+
+
 def test_packed_sft_loss_equals_padded_loss(sft_data):
     """The same examples, packed or one per padded row: the same loss sum, token count and gradient."""
     model = _model()
@@ -180,7 +200,7 @@ def test_packed_batches_cover_the_epoch_and_resume(sft_data):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
     halves = [next(batching.batches(sft_data, process_index=i, process_count=2, **kw)) for i in range(2)]
     np.testing.assert_array_equal(np.concatenate([h["segment_ids"] for h in halves]), epoch[0]["segment_ids"])
-    with pytest.raises(ValueError, match="packing is for SFT data"):
+    with pytest.raises(ValueError, match="packing is for SFT and preference data"):
         batching.batches(data_lib.prompt_dataset([{"prompt": "hi"}], "byte"), batch_size=1, pack=True)
 
 
@@ -271,8 +291,6 @@ def test_unknown_attention_implementation_is_refused():
 def test_pad_to_multiple_of_trims_left_padding_without_changing_losses(sft_data):
     from pathlib import Path
 
-    from rlhf_jax import reward_model
-
     full = next(batching.batches(sft_data, batch_size=4, shuffle=False))
     short = next(batching.batches(sft_data, batch_size=4, shuffle=False, pad_to_multiple_of=32))
     longest = int(full["attention_mask"].sum(1).max())
@@ -291,8 +309,76 @@ def test_pad_to_multiple_of_trims_left_padding_without_changing_losses(sft_data)
                                rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def pref_data():
+    rng = np.random.default_rng(4)
+    rows = [{"prompt": f"q{i} " + "p" * int(rng.integers(0, 30)),
+             "ranked": [f" r{k} " + "z" * int(rng.integers(0, 40)) for k in range(2 + i % 3)]} for i in range(20)]
+    return data_lib.preference_dataset(rows, "byte", max_length=64)
+
+
+def test_packed_preference_batch_holds_each_response_once(pref_data):
+    groups = [0, 1, 2, 3]
+    padded = batching.preference_batch(pref_data, groups, 12, 12)
+    packed = batching.packed_preference_batch(pref_data, groups, 12, 12)
+    R = packed["input_ids"].shape[0]
+    assert R < int((padded["attention_mask"].sum(1) > 0).sum())  # the test packs something
+    for n in range(12):
+        real = padded["attention_mask"][n] > 0
+        if not real.any():
+            assert packed["response_row"][n] == packed["response_end"][n] == -1
+            continue
+        r, end = packed["response_row"][n], packed["response_end"][n]
+        seg = packed["segment_ids"][r]
+        tokens = packed["input_ids"][r][seg == seg[end]]
+        np.testing.assert_array_equal(tokens, padded["input_ids"][n][real])
+        assert end == np.flatnonzero(seg == seg[end])[-1]
+    for k in ("chosen_idx", "rejected_idx", "margin", "pair_mask"):
+        np.testing.assert_array_equal(packed[k], padded[k])
+    assert batching.packed_preference_batch(pref_data, groups, 12, 12, num_rows=R + 3)["input_ids"].shape[0] == R + 3
+    with pytest.raises(ValueError, match="need"):
+        batching.packed_preference_batch(pref_data, groups, 12, 12, num_rows=R - 1)
+
+
+def test_packed_rm_loss_equals_padded_loss(pref_data):
+    """The same pairs with their responses packed or one per row: the same loss, metrics and gradient."""
+    rm = Transformer(GPT2, rngs=nnx.Rngs(0), heads=("reward",))
+    as_jnp = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    kw = dict(max_responses=12, max_pairs=12, shuffle=False, pair_weighting="per_prompt")
+    padded, packed = (as_jnp(next(batching.batches(pref_data, **kw, pack=p))) for p in (False, True))
+    assert packed["input_ids"].shape[0] < 12
+    (l_p, w_p, s_p), (l, w, s) = reward_model.rm_loss(rm, packed), reward_model.rm_loss(rm, padded)
+    np.testing.assert_allclose(l_p, l, rtol=1e-5)
+    assert float(w_p) == float(w)
+    for k in s:
+        np.testing.assert_allclose(s_p[k][0], s[k][0], rtol=1e-5, atol=1e-6, err_msg=k)
+    _close(_grads(rm, lambda m: reward_model.rm_loss(m, packed)[0]),
+           _grads(rm, lambda m: reward_model.rm_loss(m, padded)[0]), atol=1e-5)
+    np.testing.assert_array_equal(reward_model.responses_in(packed), reward_model.responses_in(padded))
+
+
+def test_packed_preference_batches_round_rows_resume_and_split(pref_data):
+    kw = dict(max_responses=8, max_pairs=8, seed=1, pack=True, row_multiple=2)
+    epoch = list(batching.batches(pref_data, num_epochs=1, **kw))
+    assert len(epoch) == batching.num_batches(pref_data, **kw)
+    assert all(b["input_ids"].shape[0] % 2 == 0 for b in epoch)
+    assert len({b["input_ids"].shape[0] for b in epoch}) > 1  # the row count follows the batch
+    resumed = list(batching.batches(pref_data, num_epochs=1, start_step=2, **kw))
+    for a, b in zip(epoch[2:], resumed):
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    halves = [next(batching.batches(pref_data, process_index=i, process_count=2, **kw)) for i in range(2)]
+    for k in ("input_ids", "segment_ids", "response_row", "response_end", "chosen_idx"):
+        np.testing.assert_array_equal(np.concatenate([h[k] for h in halves]), epoch[0][k])
+    stepped = list(batching.batches(pref_data, num_epochs=1, grad_accum=2, **kw))
+    for a, b in zip(stepped[::2], stepped[1::2]):
+        assert a["input_ids"].shape == b["input_ids"].shape  # a step's micro-batches stack
+    with pytest.raises(ValueError, match="no response_mask"):
+        batching.batches(pref_data, response_mask=True, **kw)
+
+
 @pytest.mark.parametrize("stage,data,match", [
-    ("rm", dict(packing=True), "data.packing=True packs SFT examples"),
+    ("dpo", dict(packing=True), "data.packing=True packs SFT examples and RM responses"),
+    ("rm", dict(packing=True, packed_rows_multiple=0), "data.packed_rows_multiple=0"),
     ("sft", dict(packing=True, pad_to_multiple_of=64), "data.pad_to_multiple_of=64"),
     ("sft", dict(pad_to_multiple_of=-8), "data.pad_to_multiple_of=-8"),
 ])

@@ -77,7 +77,7 @@ def test_rm_batch_settings_default_to_per_prompt_and_name_a_bad_field():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "rm.py")
     assert reward_model.batch_kwargs(cfg) == dict(max_responses=16, max_pairs=8, pair_weighting="per_prompt",
-                                                  pad_to_multiple_of=0)
+                                                  pad_to_multiple_of=0, pack=True, row_multiple=2)
     bad = ml_collections.ConfigDict(dict(rm=dict(max_responses=4, max_pairs=4, pair_weighting="per_token")))
     with pytest.raises(ValueError, match=r"rm.pair_weighting='per_token' is not one of \['per_pair', 'per_prompt'\]"):
         reward_model.batch_kwargs(bad)

@@ -9,7 +9,9 @@ groups are packed, InstructGPT-style), with `pair_weighting` also `pair_weight` 
 DPO), and for DPO (`response_mask=True`) also `response_mask` [N, T] (1 on each row's response
 tokens) and, when the groups carry precomputed reference log-probs, `ref_logps` [N]; prompt `input_ids`,
 `attention_mask` [B, Tq] and `index` [B] (−1 for a padding row). Padding rows are all pad with
-masks 0.
+masks 0. Packed batches (`pack=True`) put several SFT examples, or several responses of a
+preference batch, in one right-padded row with `segment_ids` (`packed_sft_batch`,
+`packed_preference_batch`).
 
 Epoch e's order is a permutation from `default_rng([seed, e])`, steps count globally, and
 `start_step=s` resumes exactly at step s. Process i of n yields rows [i·B/n, (i+1)·B/n) of
@@ -147,12 +149,11 @@ def _optional_fields(dataset: Dataset, groups: Sequence[int], max_responses: int
     return out
 
 
-def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
-                     response_mask: bool = False, pair_weighting: str | None = None) -> dict[str, np.ndarray]:
-    """Packs the preference groups at `groups` into one batch of N=max_responses response
-    rows and P=max_pairs pair slots (see the module docstring for the keys; the optional
-    keys only when asked for)."""
-    seqs: list[np.ndarray | None] = []
+def _pair_fields(dataset: Dataset, groups: Sequence[int], max_responses: int,
+                 max_pairs: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """The responses of the groups at `groups` in order, and their pairs' `chosen_idx`,
+    `rejected_idx`, `margin` and `pair_mask` [max_pairs] (indices into those responses)."""
+    seqs: list[np.ndarray] = []
     chosen = np.zeros(max_pairs, np.int32)
     rejected = np.zeros(max_pairs, np.int32)
     margin = np.zeros(max_pairs, np.float32)
@@ -171,11 +172,61 @@ def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int
         pair_mask[p:p + n] = 1.0
         p += n
         seqs += list(group.responses)
-    seqs += [None] * (max_responses - len(seqs))
-    ids, mask = left_pad(seqs, dataset.seq_len, dataset.pad_id)
-    return {"input_ids": ids, "attention_mask": mask, "chosen_idx": chosen, "rejected_idx": rejected,
-            "margin": margin, "pair_mask": pair_mask,
+    return seqs, {"chosen_idx": chosen, "rejected_idx": rejected, "margin": margin, "pair_mask": pair_mask}
+
+
+def preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
+                     response_mask: bool = False, pair_weighting: str | None = None) -> dict[str, np.ndarray]:
+    """Packs the preference groups at `groups` into one batch of N=max_responses response
+    rows and P=max_pairs pair slots (see the module docstring for the keys; the optional
+    keys only when asked for)."""
+    seqs, pairs = _pair_fields(dataset, groups, max_responses, max_pairs)
+    ids, mask = left_pad(seqs + [None] * (max_responses - len(seqs)), dataset.seq_len, dataset.pad_id)
+    return {"input_ids": ids, "attention_mask": mask, **pairs,
             **_optional_fields(dataset, groups, max_responses, max_pairs, response_mask, pair_weighting)}
+
+
+def pack_responses(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit-decreasing packing of one batch's responses into rows of `row_length` tokens
+    (lists of response indices, longest first)."""
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    return pack_rows(lengths, order, row_length, window=len(order))
+
+
+def _group_lengths(dataset: Dataset, groups: Sequence[int]) -> list[int]:
+    return [len(s) for g in groups for s in dataset.examples[g].responses]
+
+
+def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
+                            num_rows: int | None = None,
+                            pair_weighting: str | None = None) -> dict[str, np.ndarray]:
+    """The preference groups at `groups` with their responses packed several to a row
+    (`pack_responses`) in `num_rows` right-padded rows of T tokens (default: as many as they
+    need): `input_ids`, `attention_mask`, `segment_ids` [R, T] (1, 2, … per response of the
+    row, 0 on padding, as `packed_sft_batch`), `response_row` and `response_end` int32 [N]
+    (where response n lies in the batch: its row and its last token's column; −1 for an
+    unused response slot), and the pair keys of `preference_batch`, which index the N
+    responses as before. A reward model reads response n's score at (row, end)."""
+    seqs, pairs = _pair_fields(dataset, groups, max_responses, max_pairs)
+    T = dataset.seq_len
+    layout = pack_responses([len(q) for q in seqs], T)
+    R = len(layout) if num_rows is None else int(num_rows)
+    if R < len(layout):
+        raise ValueError(f"groups {list(groups)}: their responses need {len(layout)} packed rows, more than {R}")
+    ids = np.full((R, T), dataset.pad_id, np.int32)
+    segments = np.zeros((R, T), np.int32)
+    row_N = np.full(max_responses, -1, np.int32)
+    end_N = np.full(max_responses, -1, np.int32)
+    for r, row in enumerate(layout):
+        at = 0
+        for k, i in enumerate(row, start=1):
+            n = len(seqs[i])
+            ids[r, at:at + n], segments[r, at:at + n] = seqs[i], k
+            row_N[i], end_N[i] = r, at + n - 1
+            at += n
+    return {"input_ids": ids, "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
+            "response_row": row_N, "response_end": end_N, **pairs,
+            **_optional_fields(dataset, groups, max_responses, max_pairs, False, pair_weighting)}
 
 
 def _check_group_fits(group, max_responses: int, max_pairs: int) -> None:
@@ -226,7 +277,7 @@ def _epoch_plan(dataset: Dataset, epoch: int, *, batch_size, max_responses, max_
     """The batches of one epoch as lists of example (or group) indices; −1 = padding row. Packed
     SFT batches are lists of rows, each a list of example indices ([] = padding row)."""
     order = _epoch_order(len(dataset), seed, epoch, shuffle)
-    if pack:
+    if pack and dataset.kind == "sft":
         rows = pack_rows([len(e.input_ids) for e in dataset.examples], order, dataset.seq_len)
         n = len(rows)
         plan = [rows[k:k + batch_size] for k in range(0, n - n % batch_size, batch_size)]
@@ -256,8 +307,8 @@ def _check_args(dataset: Dataset, batch_size, max_responses, max_pairs, process_
                 pack=False) -> None:
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
-    if pack and dataset.kind != "sft":
-        raise ValueError(f"packing is for SFT data; {dataset.source} holds {dataset.kind} data")
+    if pack and dataset.kind == "prompt":
+        raise ValueError(f"packing is for SFT and preference data; {dataset.source} holds prompts")
     if dataset.kind == "preference":
         if max_responses is None or max_pairs is None:
             raise ValueError("preference batches need max_responses and max_pairs")
@@ -281,7 +332,8 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
             start_step: int = 0, drop_last: bool = True, process_index: int = 0,
             process_count: int = 1, response_mask: bool = False,
             pair_weighting: str | None = None, pack: bool = False,
-            pad_to_multiple_of: int = 0) -> Iterator[dict[str, np.ndarray]]:
+            pad_to_multiple_of: int = 0, row_multiple: int = 1,
+            grad_accum: int = 1) -> Iterator[dict[str, np.ndarray]]:
     """Iterates over this process's slice of every global batch (module docstring).
 
     Args:
@@ -297,8 +349,14 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       process_index, process_count: this process and the number of processes.
       response_mask, pair_weighting: the optional keys of preference batches (`pair_weighting`
         one of `PAIR_WEIGHTINGS`, or None for no `pair_weight`).
-      pack: SFT data only: batches of `batch_size` packed rows (`pack_rows`, `packed_sft_batch`)
-        instead of one example per row, so a batch holds as many examples as fit.
+      pack: SFT data: batches of `batch_size` packed rows (`pack_rows`, `packed_sft_batch`)
+        instead of one example per row, so a batch holds as many examples as fit. Preference
+        data: the same groups per batch, their responses packed several to a row
+        (`packed_preference_batch`; no `response_mask`), in as many rows as they need rounded
+        up to a multiple of `row_multiple` and of `process_count` (so a jitted step compiles
+        once per row count, max_responses / row_multiple programs at most); the `grad_accum`
+        consecutive batches of a step (counted from global step 0) get the same row count, so
+        they stack.
       pad_to_multiple_of: SFT and preference data: > 0 pads each batch to the smallest multiple
         of this that holds its longest row (at most T) instead of to T, so a jitted step
         compiles once per length bucket (T / pad_to_multiple_of programs at most).
@@ -307,6 +365,10 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       an iterator of batch dicts with local leading sizes B/n (or N/n and P/n).
     """
     _check_args(dataset, batch_size, max_responses, max_pairs, process_index, process_count, pack)
+    if pack and response_mask:
+        raise ValueError("packed preference rows have no response_mask (DPO reads it): pack=False for DPO")
+    if row_multiple < 1 or grad_accum < 1:
+        raise ValueError(f"row_multiple={row_multiple}, grad_accum={grad_accum}: both must be positive")
     if pad_to_multiple_of < 0 or (pack and pad_to_multiple_of):
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: use a positive multiple, or 0 (pad to the "
                          "dataset's length; packed rows are always full length)")
@@ -320,7 +382,11 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
         size = len(rows) // process_count
         return rows[process_index * size:(process_index + 1) * size]
 
-    def build(plan: list) -> dict[str, np.ndarray]:
+    def build(plan: list, num_rows: int | None = None) -> dict[str, np.ndarray]:
+        if dataset.kind == "preference" and pack:
+            batch = packed_preference_batch(dataset, plan, max_responses, max_pairs, num_rows=num_rows,
+                                            pair_weighting=pair_weighting)
+            return {k: local(v) for k, v in batch.items()}
         if dataset.kind == "preference":
             # Built globally: a group's pairs may point at rows of another process's slice.
             batch = preference_batch(dataset, plan, max_responses, max_pairs, response_mask=response_mask,
@@ -342,14 +408,36 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
         keep = min(T, max(1, -(-longest // pad_to_multiple_of)) * pad_to_multiple_of)
         return {k: v[:, T - keep:] if v.ndim == 2 and v.shape[1] == T else v for k, v in batch.items()}
 
-    def generate() -> Iterator[dict[str, np.ndarray]]:
+    def planned() -> Iterator[tuple[int, list]]:
+        """(global step, plan) of every batch from start_step on."""
         step, epoch = 0, 0
         while num_epochs is None or epoch < num_epochs:
             plan = _epoch_plan(dataset, epoch, **plan_args)
             for k in range(max(0, start_step - step), len(plan)):
-                yield build(plan[k])
+                yield step + k, plan[k]
             step += len(plan)
             epoch += 1
+
+    def generate() -> Iterator[dict[str, np.ndarray]]:
+        if not (pack and dataset.kind == "preference"):
+            for _, plan in planned():
+                yield build(plan)
+            return
+        multiple = int(np.lcm(row_multiple, process_count))
+        pending: list[tuple[int, list]] = []
+
+        def flush():
+            rows = max(len(pack_responses(_group_lengths(dataset, plan), dataset.seq_len)) for _, plan in pending)
+            for _, plan in pending:
+                yield build(plan, -(-rows // multiple) * multiple)
+            pending.clear()
+
+        for step, plan in planned():
+            if pending and pending[0][0] // grad_accum != step // grad_accum:
+                yield from flush()
+            pending.append((step, plan))
+        if pending:
+            yield from flush()
 
     return generate()
 
@@ -357,11 +445,12 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
 def num_batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: int | None = None,
                 max_pairs: int | None = None, seed: int = 0, shuffle: bool = True, epoch: int = 0,
                 drop_last: bool = True, response_mask: bool = False, pair_weighting: str | None = None,
-                pack: bool = False, pad_to_multiple_of: int = 0) -> int:
+                pack: bool = False, pad_to_multiple_of: int = 0, row_multiple: int = 1, grad_accum: int = 1) -> int:
     """Number of batches in one epoch (for schedules). For preference data the packing, and so
     the count, can differ slightly between epochs; this is the count of epoch `epoch`. The
-    optional key options are accepted (and do not change the count) so batch kwargs can be passed as-is."""
-    del response_mask, pair_weighting, pad_to_multiple_of
+    optional key and layout options are accepted (and do not change the count) so batch kwargs
+    can be passed as-is."""
+    del response_mask, pair_weighting, pad_to_multiple_of, row_multiple, grad_accum
     _check_args(dataset, batch_size, max_responses, max_pairs, 0, 1, pack)
     return len(_epoch_plan(dataset, epoch, batch_size=batch_size, max_responses=max_responses,
                            max_pairs=max_pairs, seed=seed, shuffle=shuffle, drop_last=drop_last, pack=pack))

@@ -194,16 +194,8 @@ class Attention(nnx.Module):
         sliding window `q_slot - k_slot < window`, and in packed rows (`segment_ids_BT`, no
         cache) the key belongs to the query's sequence.
         """
-        cfg = self.cfg
         b, t, _ = x_BTD.shape
-        h, kv, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_BTHE = self.q(x_BTD).reshape(b, t, h, e)
-        k_BTKE = self.k(x_BTD).reshape(b, t, kv, e)
-        v_BTKE = self.v(x_BTD).reshape(b, t, kv, e)
-        if cfg.position == "rope":
-            q_BTHE = rope(q_BTHE, positions_BT, cfg.rope_theta)
-            k_BTKE = rope(k_BTKE, positions_BT, cfg.rope_theta)
-
+        q_BTHE, k_BTKE, v_BTKE = self._project(x_BTD, x_BTD, positions_BT, positions_BT)
         new_kv = None
         if cache_kv is not None:
             # The cache is [B, K, S, E]: only the T new tokens are transposed, on the way in.
@@ -213,37 +205,73 @@ class Attention(nnx.Module):
             v_BKSE = jax.lax.dynamic_update_slice(
                 v_cache, v_BTKE.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
             new_kv = (k_BKSE, v_BKSE)
-            keys, values, kv_axes = k_BKSE, v_BKSE, "bkse"
-        else:  # no cache: the keys are the T new tokens themselves
-            keys, values, kv_axes = k_BTKE, v_BTKE, "bske"
-
-        allowed_TS = k_slots_S[None, :] <= q_slots_T[:, None]
-        if cfg.sliding_window is not None:
-            allowed_TS &= q_slots_T[:, None] - k_slots_S[None, :] < cfg.sliding_window
-        allowed_BTS = allowed_TS[None] & (key_mask_BS[:, None, :] > 0)
+            allowed_BTS = self._allowed(q_slots_T[None, :], k_slots_S, key_mask_BS)
+            return self.o(self._attend(q_BTHE, k_BKSE, v_BKSE, allowed_BTS, cached=True)), new_kv
+        allowed_BTS = self._allowed(q_slots_T[None, :], k_slots_S, key_mask_BS)
         if segment_ids_BT is not None:
             allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        if cfg.attention == "dot_product" and cache_kv is None:
+        return self.o(self._attend(q_BTHE, k_BTKE, v_BTKE, allowed_BTS)), new_kv
+
+    def at(self, x_BTD, positions_BT, key_mask_BT, segment_ids_BT, rows_N, columns_N):
+        """The attention output [N, D] of the queries at tokens (rows_N[n], columns_N[n]) only,
+        each over the keys of its own row (no cache): what `__call__` gives at those tokens,
+        without the queries, output projections and scores of the others."""
+        x_NTD, key_mask_NT = x_BTD[rows_N], key_mask_BT[rows_N]
+        q_N1HE, k_NTKE, v_NTKE = self._project(x_BTD[rows_N, columns_N][:, None], x_NTD,
+                                               positions_BT[rows_N, columns_N][:, None], positions_BT[rows_N])
+        allowed_N1T = self._allowed(columns_N[:, None], jnp.arange(x_BTD.shape[1]), key_mask_NT)
+        if segment_ids_BT is not None:
+            segments_NT = segment_ids_BT[rows_N]
+            allowed_N1T &= (segments_NT == segments_NT[jnp.arange(len(rows_N)), columns_N][:, None])[:, None, :]
+        return self.o(self._attend(q_N1HE, k_NTKE, v_NTKE, allowed_N1T))[:, 0]
+
+    def _project(self, xq_BTD, xkv_BSD, q_positions_BT, kv_positions_BS):
+        """Queries [B, T, H, E] of `xq_BTD`, keys and values [B, S, K, E] of `xkv_BSD`, rotated."""
+        cfg = self.cfg
+        h, kv, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_BTHE = self.q(xq_BTD).reshape(*xq_BTD.shape[:2], h, e)
+        k_BSKE = self.k(xkv_BSD).reshape(*xkv_BSD.shape[:2], kv, e)
+        v_BSKE = self.v(xkv_BSD).reshape(*xkv_BSD.shape[:2], kv, e)
+        if cfg.position == "rope":
+            q_BTHE = rope(q_BTHE, q_positions_BT, cfg.rope_theta)
+            k_BSKE = rope(k_BSKE, kv_positions_BS, cfg.rope_theta)
+        return q_BTHE, k_BSKE, v_BSKE
+
+    def _allowed(self, q_slots_BT, k_slots_S, key_mask_BS):
+        """[B, T, S]: causal (`k_slot <= q_slot`), within the sliding window if any, real keys."""
+        q_BTS = q_slots_BT[:, :, None]
+        allowed_BTS = k_slots_S[None, None, :] <= q_BTS
+        if self.cfg.sliding_window is not None:
+            allowed_BTS &= q_BTS - k_slots_S[None, None, :] < self.cfg.sliding_window
+        return allowed_BTS & (key_mask_BS[:, None, :] > 0)
+
+    def _attend(self, q_BTHE, keys, values, allowed_BTS, cached=False):
+        """softmax(q k^T / sqrt(E)) v over the allowed keys, [B, T, H·E]; keys and values are
+        [B, S, K, E], or [B, K, S, E] when `cached` (the cache's layout)."""
+        cfg = self.cfg
+        b, t, h, e = q_BTHE.shape
+        kv = cfg.num_kv_heads
+        if cfg.attention == "dot_product" and not cached:
             # jax.nn.dot_product_attention: XLA's fused attention on CPU/TPU, cuDNN's flash
             # kernel on a GPU when it supports the inputs. (Decoding keeps the einsum path,
             # which reads the cache in its stored [B, K, S, E] layout.)
-            out_BTHE = jax.nn.dot_product_attention(q_BTHE, k_BTKE.astype(q_BTHE.dtype),
-                                                    v_BTKE.astype(q_BTHE.dtype), mask=allowed_BTS[:, None])
-            return self.o(out_BTHE.reshape(b, t, h * e)), new_kv
-        g = h // kv
-        q_BTKGE = q_BTHE.reshape(b, t, kv, g, e)
+            out_BTHE = jax.nn.dot_product_attention(q_BTHE, keys.astype(q_BTHE.dtype), values.astype(q_BTHE.dtype),
+                                                    mask=allowed_BTS[:, None])
+            return out_BTHE.reshape(b, t, h * e)
+        kv_axes = "bkse" if cached else "bske"
+        q_BTKGE = q_BTHE.reshape(b, t, kv, h // kv, e)
         scores_BKGTS = jnp.einsum(f"btkge,{kv_axes}->bkgts", q_BTKGE, keys.astype(q_BTKGE.dtype),
                                   preferred_element_type=jnp.float32) / math.sqrt(e)
         scores_BKGTS = jnp.where(allowed_BTS[:, None, None], scores_BKGTS, _NEG_INF)
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(values.dtype)
-        if cache_kv is not None:
+        if cached:
             # Output [B, K, G, T, E] makes einsum contract probs @ v with v as the right-hand
             # [S, E] operand, as stored; "->btkge" would make it v^T @ probs^T, which copies the
             # whole v cache into [B, K, E, S]. Only the small output is transposed.
             out_BTKGE = jnp.einsum("bkgts,bkse->bkgte", probs_BKGTS, values).transpose(0, 3, 1, 2, 4)
         else:
             out_BTKGE = jnp.einsum("bkgts,bske->btkge", probs_BKGTS, values)
-        return self.o(out_BTKGE.reshape(b, t, h * e)), new_kv
+        return out_BTKGE.reshape(b, t, h * e)
 
 
 class MLP(nnx.Module):
@@ -278,6 +306,12 @@ class Block(nnx.Module):
                               cache_kv, index, segment_ids_BT)
         x_BTD = x_BTD + a
         return x_BTD + self.mlp(self.mlp_norm(x_BTD)), new_kv
+
+    def at(self, x_BTD, positions_BT, key_mask_BT, segment_ids_BT, rows_N, columns_N):
+        """The block's output [N, D] at tokens (rows_N, columns_N) only (no cache)."""
+        a_ND = self.attn.at(self.attn_norm(x_BTD), positions_BT, key_mask_BT, segment_ids_BT, rows_N, columns_N)
+        x_ND = x_BTD[rows_N, columns_N] + a_ND
+        return x_ND + self.mlp(self.mlp_norm(x_ND))
 
 
 class Transformer(nnx.Module):
@@ -334,10 +368,48 @@ class Transformer(nnx.Module):
         attends only within its sequence, and positions restart at 0 at each sequence's first
         token, so every sequence gets the hidden states it would get alone.
         """
+        if segment_ids_BT is not None and cache is not None:
+            raise ValueError("packed rows (segment_ids) are for training and scoring, not a KV cache")
+        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._embed_tokens(
+            input_ids_BT, attention_mask_BT, positions_BT, cache, segment_ids_BT)
+        if cache is None:
+            for layer in self.layers:
+                x_BTD = self._block(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
+            return self.final_norm(x_BTD), None
+        t = input_ids_BT.shape[1]
+        q_slots_T = cache.index + jnp.arange(t)
+        k_slots_S = jnp.arange(cache.max_length)
+        key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, attention_mask_BT, (0, cache.index))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            x_BTD, (k_BKSE, v_BKSE) = layer(x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS,
+                                            (cache.k[i], cache.v[i]), cache.index)
+            new_k.append(k_BKSE)
+            new_v.append(v_BKSE)
+        new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask_BS=key_mask_BS,
+                            lengths_B=cache.lengths_B + attention_mask_BT.sum(-1), index=cache.index + t)
+        return self.final_norm(x_BTD), new_cache
+
+    def hidden_at(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None, rows_N: jax.Array,
+                  columns_N: jax.Array, *, segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """`hidden(...)[0][rows_N, columns_N]`, [N, D], for a head read at a few tokens (a
+        reward model's at each sequence's last one): every layer but the last runs on all
+        tokens, the last one only on the N read tokens (it still reads every key and value of
+        their rows), which skips its queries, attention, output projection and MLP elsewhere.
+        Packed rows as in `hidden`."""
+        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._embed_tokens(
+            input_ids_BT, attention_mask_BT, None, None, segment_ids_BT)
+        *first, last = self.layers
+        for layer in first:
+            x_BTD = self._block(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
+        rows_N, columns_N = rows_N.astype(jnp.int32), columns_N.astype(jnp.int32)
+        return self.final_norm(last.at(x_BTD, positions_BT, attention_mask_BT, segment_ids_BT, rows_N, columns_N))
+
+    def _embed_tokens(self, input_ids_BT, attention_mask_BT, positions_BT, cache, segment_ids_BT):
+        """The token (+ position) embeddings [B, T, D], the positions, the int32 attention mask
+        and segment ids (see `hidden`)."""
         b, t = input_ids_BT.shape
         if segment_ids_BT is not None:
-            if cache is not None:
-                raise ValueError("packed rows (segment_ids) are for training and scoring, not a KV cache")
             segment_ids_BT = segment_ids_BT.astype(jnp.int32)
             attention_mask_BT = (segment_ids_BT > 0).astype(jnp.int32)
             if positions_BT is None:
@@ -349,43 +421,19 @@ class Transformer(nnx.Module):
         # 50257-row table); an out-of-range gather gives NaN, which even a zero attention
         # weight would spread (0 * NaN). Padding carries no information: read row 0 instead.
         input_ids_BT = jnp.where(attention_mask_BT > 0, input_ids_BT, 0)
-        past_B = cache.lengths_B if cache is not None else jnp.zeros((b,), jnp.int32)
         if positions_BT is None:
+            past_B = cache.lengths_B if cache is not None else jnp.zeros((b,), jnp.int32)
             positions_BT = jnp.maximum(past_B[:, None] + jnp.cumsum(attention_mask_BT, -1) - 1, 0)
-
         x_BTD = jnp.take(self.embed[...], input_ids_BT, axis=0).astype(self.cfg.compute_dtype)
         if self.pos_embed is not None:
             x_BTD = x_BTD + jnp.take(self.pos_embed[...], positions_BT, axis=0).astype(x_BTD.dtype)
+        return x_BTD, positions_BT, attention_mask_BT, segment_ids_BT
 
-        if cache is None:
-            q_slots_T = k_slots_S = jnp.arange(t)
-            key_mask_BS, index = attention_mask_BT, None
-        else:
-            q_slots_T = cache.index + jnp.arange(t)
-            k_slots_S = jnp.arange(cache.max_length)
-            key_mask_BS = jax.lax.dynamic_update_slice(cache.mask_BS, attention_mask_BT, (0, cache.index))
-            index = cache.index
-
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            if cache is None and self.cfg.remat:
-                # Only the layer's input is kept for the backward pass; the rest is recomputed.
-                x_BTD, _ = nnx.remat(_call_block)(layer, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS,
-                                                  segment_ids_BT)
-                continue
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x_BTD, layer_kv = layer(x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, kv, index,
-                                    segment_ids_BT)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        h_BTD = self.final_norm(x_BTD)
-
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask_BS=key_mask_BS,
-                                lengths_B=past_B + attention_mask_BT.sum(-1), index=cache.index + t)
-        return h_BTD, new_cache
+    def _block(self, layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT):
+        """One layer over whole rows without a cache (rematerialised when `cfg.remat`: only its
+        input is kept for the backward pass)."""
+        call = nnx.remat(_call_block) if self.cfg.remat else _call_block
+        return call(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
 
     # ------------------------------------------------------------------ heads
     def unembedding(self) -> jax.Array:
@@ -427,8 +475,9 @@ class Transformer(nnx.Module):
         return logits if cache is None else (logits, new_cache)
 
 
-def _call_block(block: Block, x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, segment_ids_BT):
-    return block(x_BTD, positions_BT, q_slots_T, k_slots_S, key_mask_BS, None, None, segment_ids_BT)
+def _call_block(block: Block, x_BTD, positions_BT, key_mask_BT, segment_ids_BT):
+    slots_T = jnp.arange(x_BTD.shape[1])
+    return block(x_BTD, positions_BT, slots_T, slots_T, key_mask_BT, None, None, segment_ids_BT)[0]
 
 
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import dpo, optim, reward_model, sft
+from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.models import ModelDef, count, load_model, lora, save_pretrained, to_host
 from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train import step as step_lib
@@ -82,9 +83,8 @@ def _dpo_data(cfg, tokenizer):
         **_common_data_kwargs(cfg)))
 
 
-def _raw_scores_program(model_def: ModelDef, state, ids, mask):
-    model = model_def.merge(state.params, state.frozen)
-    return reward_model.raw_scores(model, ids, mask), mask.sum(-1) > 0
+def _raw_scores_program(model_def: ModelDef, state, batch):
+    return reward_model.batch_raw_scores(model_def.merge(state.params, state.frozen), batch)
 
 
 def _rm_after_training(cfg, r: "StageRun") -> dict:
@@ -95,9 +95,10 @@ def _rm_after_training(cfg, r: "StageRun") -> dict:
     score = jax.jit(functools.partial(_raw_scores_program, r.model_def))
     scores = []
     for batch in r.batches(r.eval_data or r.train_data, shuffle=False, drop_last=False):
-        s, real = (to_host(x) for x in score(r.state, *r.rt.to_global([batch["input_ids"],
-                                                                        batch["attention_mask"]])))
-        scores.append(s[real])  # unused response slots are all padding
+        keys = [k for k in ("input_ids", "attention_mask", "segment_ids", "response_row", "response_end")
+                if k in batch]
+        s = to_host(score(r.state, dict(zip(keys, r.rt.to_global([batch[k] for k in keys])))))
+        scores.append(s[reward_model.responses_in(batch)])  # not the unused response slots
     gain, bias = reward_model.normalisation(np.concatenate(scores))
     frozen = dict(r.state.frozen, reward_gain=jnp.asarray(gain, jnp.float32),
                   reward_bias=jnp.asarray(bias, jnp.float32))
@@ -169,9 +170,14 @@ class StageRun:
     train_iter: Any = None  # the streamed stage's current train iterator
 
     def batches(self, dataset, **kw):
-        """Micro-batches of this process, sized by the stage's batch fields."""
+        """Micro-batches of this process, sized by the stage's batch fields (packed preference
+        rows in a multiple of the batch shards, so that they split evenly over the mesh)."""
+        kwargs = self.stage.batch_kwargs(self.cfg)
+        if kwargs.get("pack") and dataset.kind == "preference":
+            kwargs["row_multiple"] = int(np.lcm(kwargs.get("row_multiple", 1),
+                                                sharding_lib.batch_shards(self.rt.mesh, self.rt.rules)))
         return data_lib.batches(dataset, process_index=jax.process_index(), process_count=jax.process_count(),
-                                **self.stage.batch_kwargs(self.cfg), **kw)
+                                **kwargs, **kw)
 
     def stacked_batches(self, start_step: int, data_state: dict | None = None):
         """Train batches [A, micro, ...] from `start_step` on (A = gradient accumulation)."""
@@ -179,7 +185,8 @@ class StageRun:
         if self.stage.stream is not None:
             it = self.train_iter = self.stage.stream(self, start_step * accum, data_state)
         else:
-            it = self.batches(self.train_data, seed=self.cfg.seed, start_step=start_step * accum, num_epochs=None)
+            it = self.batches(self.train_data, seed=self.cfg.seed, start_step=start_step * accum, num_epochs=None,
+                              grad_accum=accum)
         while True:
             yield _stack([next(it) for _ in range(accum)])
 
@@ -219,9 +226,13 @@ class StageRun:
 
 def _check_padding(cfg) -> None:
     packing, multiple = cfg.data.get("packing", False), cfg.data.get("pad_to_multiple_of", 0)
-    if packing and cfg.stage != "sft":
-        raise ValueError(f"data.packing=True packs SFT examples; stage={cfg.stage!r} does not pack (set "
-                         "data.pad_to_multiple_of to trim its padding instead)")
+    if packing and cfg.stage not in ("sft", "rm"):
+        raise ValueError(f"data.packing=True packs SFT examples and RM responses; stage={cfg.stage!r} does not "
+                         "pack (set data.pad_to_multiple_of to trim its padding instead)")
+    rows = cfg.data.get("packed_rows_multiple", 1)
+    if not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"data.packed_rows_multiple={rows!r}: use a positive integer (packed RM batches are "
+                         "rounded up to a multiple of this many rows)")
     if not isinstance(multiple, int) or multiple < 0 or (packing and multiple):
         raise ValueError(f"data.pad_to_multiple_of={multiple!r}: use 0 (pad to data.max_length) or a positive "
                          "multiple such as 64, and not with data.packing (packed rows are full)")
