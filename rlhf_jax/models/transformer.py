@@ -195,7 +195,8 @@ class Attention(nnx.Module):
         cache) the key belongs to the query's sequence.
         """
         b, t, _ = x_BTD.shape
-        q_BTHE, k_BTKE, v_BTKE = self._project(x_BTD, x_BTD, positions_BT, positions_BT)
+        q_BTHE = self._queries(x_BTD, positions_BT)
+        k_BTKE, v_BTKE = self._keys_values(x_BTD, positions_BT)
         new_kv = None
         if cache_kv is not None:
             # The cache is [B, K, S, E]: only the T new tokens are transposed, on the way in.
@@ -216,26 +217,29 @@ class Attention(nnx.Module):
         """The attention output [N, D] of the queries at tokens (rows_N[n], columns_N[n]) only,
         each over the keys of its own row (no cache): what `__call__` gives at those tokens,
         without the queries, output projections and scores of the others."""
-        x_NTD, key_mask_NT = x_BTD[rows_N], key_mask_BT[rows_N]
-        q_N1HE, k_NTKE, v_NTKE = self._project(x_BTD[rows_N, columns_N][:, None], x_NTD,
-                                               positions_BT[rows_N, columns_N][:, None], positions_BT[rows_N])
+        q_N1HE = self._queries(x_BTD[rows_N, columns_N][:, None], positions_BT[rows_N, columns_N][:, None])
+        k_BTKE, v_BTKE = self._keys_values(x_BTD, positions_BT)  # once per row, then a row per query
+        k_NTKE, v_NTKE, key_mask_NT = k_BTKE[rows_N], v_BTKE[rows_N], key_mask_BT[rows_N]
         allowed_N1T = self._allowed(columns_N[:, None], jnp.arange(x_BTD.shape[1]), key_mask_NT)
         if segment_ids_BT is not None:
             segments_NT = segment_ids_BT[rows_N]
             allowed_N1T &= (segments_NT == segments_NT[jnp.arange(len(rows_N)), columns_N][:, None])[:, None, :]
         return self.o(self._attend(q_N1HE, k_NTKE, v_NTKE, allowed_N1T))[:, 0]
 
-    def _project(self, xq_BTD, xkv_BSD, q_positions_BT, kv_positions_BS):
-        """Queries [B, T, H, E] of `xq_BTD`, keys and values [B, S, K, E] of `xkv_BSD`, rotated."""
+    def _queries(self, x_BTD, positions_BT):
+        """Rotated queries [B, T, H, E]."""
         cfg = self.cfg
-        h, kv, e = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_BTHE = self.q(xq_BTD).reshape(*xq_BTD.shape[:2], h, e)
-        k_BSKE = self.k(xkv_BSD).reshape(*xkv_BSD.shape[:2], kv, e)
-        v_BSKE = self.v(xkv_BSD).reshape(*xkv_BSD.shape[:2], kv, e)
+        q_BTHE = self.q(x_BTD).reshape(*x_BTD.shape[:2], cfg.num_heads, cfg.head_dim)
+        return rope(q_BTHE, positions_BT, cfg.rope_theta) if cfg.position == "rope" else q_BTHE
+
+    def _keys_values(self, x_BSD, positions_BS):
+        """Rotated keys and values [B, S, K, E]."""
+        cfg = self.cfg
+        k_BSKE = self.k(x_BSD).reshape(*x_BSD.shape[:2], cfg.num_kv_heads, cfg.head_dim)
+        v_BSKE = self.v(x_BSD).reshape(*x_BSD.shape[:2], cfg.num_kv_heads, cfg.head_dim)
         if cfg.position == "rope":
-            q_BTHE = rope(q_BTHE, q_positions_BT, cfg.rope_theta)
-            k_BSKE = rope(k_BSKE, kv_positions_BS, cfg.rope_theta)
-        return q_BTHE, k_BSKE, v_BSKE
+            k_BSKE = rope(k_BSKE, positions_BS, cfg.rope_theta)
+        return k_BSKE, v_BSKE
 
     def _allowed(self, q_slots_BT, k_slots_S, key_mask_BS):
         """[B, T, S]: causal (`k_slot <= q_slot`), within the sliding window if any, real keys."""
