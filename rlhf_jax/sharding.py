@@ -13,7 +13,7 @@ not a silent replication.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -144,22 +144,37 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping | None = None):
     return nnx.from_flat_state(sharded)
 
 
-def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
+def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | None = None, *,
+                   values: Mapping[tuple, Any] | None = None) -> nnx.Module:
     """Builds a model whose every parameter is born sharded on `mesh`.
 
     `jax.eval_shape` gives the abstract parameters (no memory), the rules give their
     shardings, and the initializer is jitted with those out_shardings, so no device ever
-    holds a full copy of a sharded parameter.
+    holds a full copy of a sharded parameter. `values` ({path: host array}, a checkpoint's)
+    are placed shard by shard instead, and the jitted initializer returns only the other
+    variables, so XLA prunes the rest of the initialisation: loading a pretrained model
+    compiles no initializer for the weights it replaces (at 30 layers that was ~20 s).
     """
+    values = dict(values or {})
     abstract = nnx.eval_shape(make_model)
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
+    shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
+    abstract_flat = list(nnx.to_flat_state(abstract_state))
+    missing = [p for p, _ in abstract_flat if p not in values]
 
     def init():
-        return nnx.split(make_model())[1]
+        fresh = dict(nnx.to_flat_state(nnx.split(make_model())[1]))
+        return [fresh[p] for p in missing]
 
-    state = jax.jit(init, out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    fresh = dict(zip(missing, jax.jit(init, out_shardings=[shardings[p] for p in missing])() if missing else []))
+    filled = []
+    for p, var in abstract_flat:
+        if p in fresh:
+            filled.append((p, fresh[p]))
+            continue
+        a = np.asarray(values[p])
+        filled.append((p, var.replace(jax.make_array_from_callback(a.shape, shardings[p], lambda i, a=a: a[i]))))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:

@@ -85,6 +85,29 @@ def test_parameters_sharded_as_rules_say():
     assert q.addressable_shards[0].data.shape == (32 // 4, 32 // 2)
 
 
+def test_given_values_are_placed_and_only_the_rest_initialised():
+    """A checkpoint's values go straight onto the mesh; the variables it lacks (here the value
+    head) get exactly the fresh initialisation, from an initializer that returns only them."""
+    mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
+    fresh = dict(nnx.to_flat_state(nnx.split(sharding.create_sharded(_make, mesh))[1]))
+    rng = np.random.default_rng(0)
+    given = {p: rng.normal(size=v.get_value().shape).astype(np.float32) for p, v in fresh.items()
+             if p[0] != "value_head"}
+    model = sharding.create_sharded(_make, mesh, values=given)
+    for p, var in nnx.to_flat_state(nnx.split(model)[1]):
+        want = given[p] if p in given else fresh[p].get_value()
+        np.testing.assert_array_equal(np.asarray(var.get_value()), np.asarray(want), err_msg=str(p))
+        assert var.get_value().sharding == fresh[p].get_value().sharding, p
+    traced = []
+    real_jit = jax.jit
+    try:
+        jax.jit = lambda *a, **k: traced.append(1) or real_jit(*a, **k)
+        sharding.create_sharded(_make, mesh, values={p: np.asarray(v.get_value()) for p, v in fresh.items()})
+    finally:
+        jax.jit = real_jit
+    assert traced == []  # every value given: no initializer at all
+
+
 def test_parameter_without_rule_is_an_error():
     mesh = sharding.make_mesh(data=1, fsdp=4, tensor=2)
     rules = [r for r in sharding.DEFAULT_RULES if r[0] != "mlp"]

@@ -296,28 +296,27 @@ def model_from_flat(cfg: ModelConfig, flat: Mapping[tuple, np.ndarray], *, heads
     Every trunk parameter must be present; missing head parameters keep their fresh init.
     """
     mesh = mesh if mesh is not None else sharding_lib.make_mesh()
-    model = sharding_lib.create_sharded(lambda: Transformer(cfg, rngs=nnx.Rngs(seed), heads=heads), mesh, rules)
-    graphdef, state = nnx.split(model)
-    filled = []
-    for p, var in nnx.to_flat_state(state):
-        current = var.get_value()
+
+    def make():
+        return Transformer(cfg, rngs=nnx.Rngs(seed), heads=heads)
+
+    values = {}
+    for p, var in nnx.to_flat_state(nnx.split(nnx.eval_shape(make))[1]):
+        expected = var.get_value()  # a ShapeDtypeStruct
         if p in flat:
             arr = np.asarray(flat[p])
-            if current.ndim == 0 and arr.size == 1:  # safetensors stores scalars as [1]
+            if len(expected.shape) == 0 and arr.size == 1:  # safetensors stores scalars as [1]
                 arr = arr.reshape(())
-            if arr.shape != current.shape:
+            if arr.shape != expected.shape:
                 raise ValueError(f"{source}: tensor for {_dotted(p)} has shape {arr.shape}, "
-                                 f"the model expects {current.shape}")
-            arr = arr.astype(current.dtype)
-            value = jax.make_array_from_callback(arr.shape, current.sharding, lambda idx, a=arr: a[idx])
-            var = var.replace(value)
+                                 f"the model expects {expected.shape}")
+            values[p] = arr.astype(expected.dtype)
         elif not _is_head(p) and p != ("lm_head", "kernel"):
             raise ValueError(f"{source}: checkpoint has no tensor for {_dotted(p)}")
         elif p == ("lm_head", "kernel"):
             what = (" (a reward model: load it with heads=('reward',))" if ("reward_head", "kernel") in flat else "")
             raise ValueError(f"{source}: untied model but the checkpoint has no lm_head.weight{what}")
-        filled.append((p, var))
-    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+    return sharding_lib.create_sharded(make, mesh, rules, values=values)
 
 
 # --------------------------------------------------------------------------- writing
