@@ -21,11 +21,13 @@ ROWS, CALLS = 8000, 20
 ALPHA = 1e-6  # false-alarm rate of each chi-square test
 
 
-def _counts(fn, v, seed):
-    """Counts [V] of the tokens fn(key) -> int [ROWS] draws over CALLS keys."""
+def _counts(fn, x_BV, seed):
+    """Counts [V] of the tokens fn(x_BV, key) -> int [ROWS] draws over CALLS keys. (x_BV is an
+    argument, not a constant closed over: XLA would constant-fold the sampler's top-k over
+    it at compile time, which took 4 minutes.)"""
     fn = jax.jit(fn)
     keys = jax.random.split(jax.random.key(seed), CALLS)
-    return sum(np.bincount(np.asarray(fn(k)), minlength=v) for k in keys)
+    return sum(np.bincount(np.asarray(fn(x_BV, k)), minlength=x_BV.shape[-1]) for k in keys)
 
 
 def _chi2_ok(counts, probs):
@@ -55,7 +57,7 @@ def test_draw_frequencies_match_the_weights_across_blocks():
     w[support[support >= 512]] *= 0.05
     probs = w / w.sum(dtype=np.float64)
     w_BV = jnp.broadcast_to(jnp.asarray(w), (ROWS, v))
-    counts = _counts(lambda k: sampling._draw(w_BV, sampling._uniforms(k, ROWS)), v, seed=0)
+    counts = _counts(lambda w, k: sampling._draw(w, sampling._uniforms(k, ROWS)), w_BV, seed=0)
     assert counts[probs == 0].sum() == 0
     assert _chi2_ok(counts, probs)
     # Power: moving 5% of the mass of the most likely entry to the least likely one is rejected.
@@ -83,7 +85,7 @@ def test_sample_token_frequencies_match_the_filtered_softmax(config):
 
     probs = filtered_softmax(config.temperature)
     logits_BV = jnp.broadcast_to(jnp.asarray(logits), (ROWS, v))
-    counts = _counts(lambda k: sample_token(logits_BV, k, config)[0], v, seed=1)
+    counts = _counts(lambda x, k: sample_token(x, k, config)[0], logits_BV, seed=1)
     assert counts[~kept].sum() == 0
     # Tokens expected fewer than 5 times are pooled into one bin.
     small = kept & (probs * ROWS * CALLS < 5)

@@ -414,13 +414,13 @@ class Transformer(nnx.Module):
         and segment ids (see `hidden`)."""
         b, t = input_ids_BT.shape
         if segment_ids_BT is not None:
-            segment_ids_BT = segment_ids_BT.astype(jnp.int32)
+            segment_ids_BT = jnp.asarray(segment_ids_BT, jnp.int32)
             attention_mask_BT = (segment_ids_BT > 0).astype(jnp.int32)
             if positions_BT is None:
                 positions_BT = segment_positions(segment_ids_BT)
         if attention_mask_BT is None:
             attention_mask_BT = jnp.ones((b, t), jnp.int32)
-        attention_mask_BT = attention_mask_BT.astype(jnp.int32)
+        attention_mask_BT = jnp.asarray(attention_mask_BT, jnp.int32)  # (numpy input: indexed by tracers below)
         # A pad id may lie outside the embedding table (GPT-2's added <pad> is id 50257 of a
         # 50257-row table); an out-of-range gather gives NaN, which even a zero attention
         # weight would spread (0 * NaN). Padding carries no information: read row 0 instead.
