@@ -193,8 +193,11 @@ def pack_responses(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     return pack_rows(lengths, order, row_length, window=len(order))
 
 
-def _group_lengths(dataset: Dataset, groups: Sequence[int]) -> list[int]:
-    return [len(s) for g in groups for s in dataset.examples[g].responses]
+def _with_rows(batch: dict[str, np.ndarray], num_rows: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A packed preference batch with all-padding rows appended up to `num_rows`."""
+    extra = ((0, num_rows - batch["input_ids"].shape[0]), (0, 0))
+    return dict(batch, input_ids=np.pad(batch["input_ids"], extra, constant_values=pad_id),
+                attention_mask=np.pad(batch["attention_mask"], extra), segment_ids=np.pad(batch["segment_ids"], extra))
 
 
 def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
@@ -210,11 +213,10 @@ def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_respons
     seqs, pairs = _pair_fields(dataset, groups, max_responses, max_pairs)
     T = dataset.seq_len
     layout = pack_responses([len(q) for q in seqs], T)
-    R = len(layout) if num_rows is None else int(num_rows)
-    if R < len(layout):
-        raise ValueError(f"groups {list(groups)}: their responses need {len(layout)} packed rows, more than {R}")
-    ids = np.full((R, T), dataset.pad_id, np.int32)
-    segments = np.zeros((R, T), np.int32)
+    if num_rows is not None and num_rows < len(layout):
+        raise ValueError(f"groups {list(groups)}: their responses need {len(layout)} packed rows, more than {num_rows}")
+    ids = np.full((len(layout), T), dataset.pad_id, np.int32)
+    segments = np.zeros((len(layout), T), np.int32)
     row_N = np.full(max_responses, -1, np.int32)
     end_N = np.full(max_responses, -1, np.int32)
     for r, row in enumerate(layout):
@@ -224,9 +226,10 @@ def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_respons
             ids[r, at:at + n], segments[r, at:at + n] = seqs[i], k
             row_N[i], end_N[i] = r, at + n - 1
             at += n
-    return {"input_ids": ids, "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
-            "response_row": row_N, "response_end": end_N, **pairs,
-            **_optional_fields(dataset, groups, max_responses, max_pairs, False, pair_weighting)}
+    batch = {"input_ids": ids, "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
+             "response_row": row_N, "response_end": end_N, **pairs,
+             **_optional_fields(dataset, groups, max_responses, max_pairs, False, pair_weighting)}
+    return batch if num_rows is None else _with_rows(batch, int(num_rows), dataset.pad_id)
 
 
 def _check_group_fits(group, max_responses: int, max_pairs: int) -> None:
@@ -382,11 +385,7 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
         size = len(rows) // process_count
         return rows[process_index * size:(process_index + 1) * size]
 
-    def build(plan: list, num_rows: int | None = None) -> dict[str, np.ndarray]:
-        if dataset.kind == "preference" and pack:
-            batch = packed_preference_batch(dataset, plan, max_responses, max_pairs, num_rows=num_rows,
-                                            pair_weighting=pair_weighting)
-            return {k: local(v) for k, v in batch.items()}
+    def build(plan: list) -> dict[str, np.ndarray]:
         if dataset.kind == "preference":
             # Built globally: a group's pairs may point at rows of another process's slice.
             batch = preference_batch(dataset, plan, max_responses, max_pairs, response_mask=response_mask,
@@ -424,18 +423,20 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
                 yield build(plan)
             return
         multiple = int(np.lcm(row_multiple, process_count))
-        pending: list[tuple[int, list]] = []
+        pending: list[tuple[int, dict]] = []  # (global step, global batch) of one optimiser step
 
         def flush():
-            rows = max(len(pack_responses(_group_lengths(dataset, plan), dataset.seq_len)) for _, plan in pending)
-            for _, plan in pending:
-                yield build(plan, -(-rows // multiple) * multiple)
+            rows = max(batch["input_ids"].shape[0] for _, batch in pending)
+            for _, batch in pending:
+                yield {k: local(v) for k, v in _with_rows(batch, -(-rows // multiple) * multiple,
+                                                           dataset.pad_id).items()}
             pending.clear()
 
         for step, plan in planned():
             if pending and pending[0][0] // grad_accum != step // grad_accum:
                 yield from flush()
-            pending.append((step, plan))
+            pending.append((step, packed_preference_batch(dataset, plan, max_responses, max_pairs,
+                                                          pair_weighting=pair_weighting)))
         if pending:
             yield from flush()
 
