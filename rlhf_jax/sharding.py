@@ -145,7 +145,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: Mapping | None = None):
 
 
 def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | None = None, *,
-                   values: Mapping[tuple, Any] | None = None) -> nnx.Module:
+                   values: Mapping[tuple, Any] | None = None, abstract: tuple | None = None) -> nnx.Module:
     """Builds a model whose every parameter is born sharded on `mesh`.
 
     `jax.eval_shape` gives the abstract parameters (no memory), the rules give their
@@ -154,10 +154,10 @@ def create_sharded(make_model: Callable[[], nnx.Module], mesh: Mesh, rules: Mapp
     are placed shard by shard instead, and the jitted initializer returns only the other
     variables, so XLA prunes the rest of the initialisation: loading a pretrained model
     compiles no initializer for the weights it replaces (at 30 layers that was ~20 s).
+    `abstract`: `nnx.split(nnx.eval_shape(make_model))` when the caller already has it.
     """
-    values = dict(values or {})
-    abstract = nnx.eval_shape(make_model)
-    graphdef, abstract_state = nnx.split(abstract)
+    values = values or {}
+    graphdef, abstract_state = abstract if abstract is not None else nnx.split(nnx.eval_shape(make_model))
     shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
     abstract_flat = list(nnx.to_flat_state(abstract_state))
     missing = [p for p, _ in abstract_flat if p not in values]

@@ -300,8 +300,9 @@ def model_from_flat(cfg: ModelConfig, flat: Mapping[tuple, np.ndarray], *, heads
     def make():
         return Transformer(cfg, rngs=nnx.Rngs(seed), heads=heads)
 
+    abstract = nnx.split(nnx.eval_shape(make))  # checked against here, then built from
     values = {}
-    for p, var in nnx.to_flat_state(nnx.split(nnx.eval_shape(make))[1]):
+    for p, var in nnx.to_flat_state(abstract[1]):
         expected = var.get_value()  # a ShapeDtypeStruct
         if p in flat:
             arr = np.asarray(flat[p])
@@ -316,7 +317,7 @@ def model_from_flat(cfg: ModelConfig, flat: Mapping[tuple, np.ndarray], *, heads
         elif p == ("lm_head", "kernel"):
             what = (" (a reward model: load it with heads=('reward',))" if ("reward_head", "kernel") in flat else "")
             raise ValueError(f"{source}: untied model but the checkpoint has no lm_head.weight{what}")
-    return sharding_lib.create_sharded(make, mesh, rules, values=values)
+    return sharding_lib.create_sharded(make, mesh, rules, values=values, abstract=abstract)
 
 
 # --------------------------------------------------------------------------- writing
