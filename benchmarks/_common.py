@@ -13,6 +13,7 @@ import os
 import platform
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,18 @@ def write_section(path: Path, name: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """The command of this run (`script` with `argv`, default the process's arguments), as
+    BENCHMARKS.md quotes it."""
+    return f"python benchmarks/{Path(script).name}" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+
+
+def provenance(command: str, machine: str, elapsed_s: float | None = None) -> str:
+    """The "Command:" and "Machine:" paragraphs that say where a BENCHMARKS.md table came from."""
+    took = f" The whole run took {elapsed_s:.0f} s." if elapsed_s is not None else ""
+    return f"Command: `{command}`\n\nMachine: {machine}.{took}"
 
 
 def run_in_fresh_process(script: str, flags: list[str], spec: dict, marker: str, what: str, **env_extra) -> dict:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -173,7 +172,7 @@ def main(argv=None):
     load_avg = (load_before, os.getloadavg()[0])
     print(f"{elapsed:.0f} s in all; {machine(load_avg)}")
     if not args.no_write:
-        command = "python benchmarks/chat.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = _common.command_line(__file__, argv)
         body = "\n".join([
             "## Chat: time to first token and tokens/s, with and without the prefix cache",
             "",
@@ -189,9 +188,7 @@ def main(argv=None):
             "again)."
             + (" XLA computes on one thread (`--threads 1`)." if args.threads == 1 else ""),
             "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine(load_avg)}. The whole run took {elapsed:.0f} s.",
+            _common.provenance(command, machine(load_avg), elapsed),
             "",
             md,
         ])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -184,7 +183,7 @@ def main(argv=None):
     load = (load_before, os.getloadavg()[0])
     print(f"{elapsed:.0f} s in all; {machine(load)}")
     if not args.no_write:
-        command = "python benchmarks/generation.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = _common.command_line(__file__, argv)
         body = "\n".join([
             "## Generation: compiled sampler vs transformers `generate`",
             "",
@@ -201,9 +200,7 @@ def main(argv=None):
                "PyTorch runs varied about 10x between identical calls whenever another process held a core."
                if args.threads == 1 else f"Threads: `--threads {args.threads}`."),
             "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine(load)}. The whole run took {elapsed:.0f} s.",
+            _common.provenance(command, machine(load), elapsed),
             "",
             md,
         ])

@@ -86,7 +86,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import sys
 import tempfile
 import time
@@ -489,7 +488,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(dict(rows=rows, seconds=elapsed, model=label, shapes=shapes), indent=1))
     print(f"{elapsed:.0f} s in all; {label}; {shapes}; {machine(rows[0], args.threads)}")
     if not args.no_write:
-        command = "python benchmarks/memory.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = _common.command_line(__file__, argv)
         body = "\n".join([
             "## Peak memory per stage: LoRA, remat, bf16",
             "",
@@ -509,9 +508,7 @@ def main(argv=None):
             "LoRA r=8 = model.lora.rank=8 on attention and MLP (configs/common.py); PPO with the shared critic "
             "(value head on the policy).",
             "",
-            f"Command: `{command}`",
-            "",
-            f"Machine: {machine(rows[0], args.threads)}. The whole run took {elapsed:.0f} s.",
+            _common.provenance(command, machine(rows[0], args.threads), elapsed),
             "",
             tables,
         ])

@@ -76,7 +76,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -925,7 +924,7 @@ def main(argv=None):
     print("\n\n".join(tables.values()))
     print(f"{elapsed:.0f} s in all; {machine(load, peak, args.threads)}")
     if not args.no_write:
-        command = "python benchmarks/side_by_side.py" + "".join(" " + shlex.quote(a) for a in (argv or sys.argv[1:]))
+        command = _common.command_line(__file__, argv)
         write_tables(Path(args.output), tables, command, f"{machine(load, peak, args.threads)}. The whole run took "
                      f"{elapsed:.0f} s")
         print(f"wrote {args.output}")
@@ -950,7 +949,7 @@ def write_tables(path: Path, tables: dict[str, str], command: str, machine_line:
     _common.write_section(path, "side_by_side", INTRO)
     for key, table in tables.items():
         _common.write_section(path, f"side_by_side/{key}", "\n".join(
-            [table, "", f"Command: `{command}`", "", f"Machine: {machine_line}."]))
+            [table, "", _common.provenance(command, machine_line)]))
 
 
 if __name__ == "__main__":
