@@ -194,10 +194,9 @@ class Attention(nnx.Module):
         sliding window `q_slot - k_slot < window`, and in packed rows (`segment_ids_BT`, no
         cache) the key belongs to the query's sequence.
         """
-        b, t, _ = x_BTD.shape
         q_BTHE = self._queries(x_BTD, positions_BT)
         k_BTKE, v_BTKE = self._keys_values(x_BTD, positions_BT)
-        new_kv = None
+        allowed_BTS = self._allowed(q_slots_T[None, :], k_slots_S, key_mask_BS)
         if cache_kv is not None:
             # The cache is [B, K, S, E]: only the T new tokens are transposed, on the way in.
             k_cache, v_cache = cache_kv
@@ -205,13 +204,10 @@ class Attention(nnx.Module):
                 k_cache, k_BTKE.transpose(0, 2, 1, 3).astype(k_cache.dtype), (0, 0, index, 0))
             v_BKSE = jax.lax.dynamic_update_slice(
                 v_cache, v_BTKE.transpose(0, 2, 1, 3).astype(v_cache.dtype), (0, 0, index, 0))
-            new_kv = (k_BKSE, v_BKSE)
-            allowed_BTS = self._allowed(q_slots_T[None, :], k_slots_S, key_mask_BS)
-            return self.o(self._attend(q_BTHE, k_BKSE, v_BKSE, allowed_BTS, cached=True)), new_kv
-        allowed_BTS = self._allowed(q_slots_T[None, :], k_slots_S, key_mask_BS)
+            return self.o(self._attend(q_BTHE, k_BKSE, v_BKSE, allowed_BTS, cached=True)), (k_BKSE, v_BKSE)
         if segment_ids_BT is not None:
             allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        return self.o(self._attend(q_BTHE, k_BTKE, v_BTKE, allowed_BTS)), new_kv
+        return self.o(self._attend(q_BTHE, k_BTKE, v_BTKE, allowed_BTS)), None
 
     def at(self, x_BTD, positions_BT, key_mask_BT, segment_ids_BT, rows_N, columns_N):
         """The attention output [N, D] of the queries at tokens (rows_N[n], columns_N[n]) only,
