@@ -25,6 +25,23 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+# The files that take longest (measured with --durations), started first so that the parallel
+# workers finish together instead of one running the quickstart alone at the end.
+SLOWEST_FIRST = ("test_quickstart.py", "test_train_loop.py", "test_fast_paths.py", "test_sweep.py",
+                 "test_alignment_tax.py", "test_pipeline_real_data.py", "test_reruns.py", "test_dpo_stage.py",
+                 "test_benchmarks_memory.py", "test_pipeline_algorithms.py")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most 4 (each holds its own JAX runtime and models)."""
+    return max(1, min(len(os.sched_getaffinity(0)), 4))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Path of ../shared/data; skips the test when the folder is absent (a user's fresh clone)."""
