@@ -48,8 +48,10 @@ def sft_data():
 
 
 # ---------------------------------------------------------------- logits only where read
-@pytest.mark.parametrize("chunk", [7, 10_000])
-def test_selected_token_logprobs_equal_full_logits(chunk):
+@pytest.mark.parametrize("chunk,vocab", [(7, 0), (10_000, 0), (7, 64), (10_000, 100), (5, None)])
+def test_selected_token_logprobs_equal_full_logits(chunk, vocab):
+    """Whole-row logits per chunk (vocab 0) or the vocabulary in slices of 64 (4 + a part) or
+    100 columns (3) of 300; None: the backend's default."""
     model = _model()
     rng = np.random.default_rng(0)
     h_BTD = jnp.asarray(rng.normal(size=(3, 11, 32)), jnp.float32)
@@ -61,11 +63,15 @@ def test_selected_token_logprobs_equal_full_logits(chunk):
         return sft.token_logprobs(logits, targets_BT) * weight_BT, (jnp.argmax(logits, -1) == targets_BT) * weight_BT
 
     def chunked(m, h):
-        return sft.selected_token_logprobs(m, h, targets_BT, weight_BT, chunk_size=chunk)[:2]
+        return sft.selected_token_logprobs(m, h, targets_BT, weight_BT, chunk_size=chunk, vocab_chunk_size=vocab)[:2]
 
     (lp_full, hit_full), (lp, hit) = full(model, h_BTD), chunked(model, h_BTD)
     np.testing.assert_allclose(lp, lp_full, atol=2e-5)
     np.testing.assert_array_equal(hit, hit_full)
+    logp_BTV = jax.nn.log_softmax(model.logits(h_BTD) / 0.7, -1)
+    entropy = sft.selected_token_logprobs(model, h_BTD, targets_BT, weight_BT, temperature=0.7, chunk_size=chunk,
+                                          vocab_chunk_size=vocab).entropy
+    np.testing.assert_allclose(entropy, -(jnp.exp(logp_BTV) * logp_BTV).sum(-1) * weight_BT, atol=2e-5)
     assert float(hit.sum()) >= 0 and float((lp != 0).sum()) == float(weight_BT.sum())
     g_full = jax.grad(lambda h: (full(model, h)[0] * jnp.arange(11.0)).sum())(h_BTD)
     g = jax.grad(lambda h: (chunked(model, h)[0] * jnp.arange(11.0)).sum())(h_BTD)
@@ -74,7 +80,8 @@ def test_selected_token_logprobs_equal_full_logits(chunk):
            _grads(model, lambda m: (full(m, h_BTD)[0]).sum()), atol=2e-5)
 
 
-def test_chunked_logits_keep_one_copy_of_the_lm_head_for_the_backward_pass():
+@pytest.mark.parametrize("vocab", [0, 64])
+def test_chunked_logits_keep_one_copy_of_the_lm_head_for_the_backward_pass(vocab):
     """What the forward pass saves for the backward pass holds the [D, V] head once, not once
     per chunk (a cond around the rematerialised chunk made it a [chunks, D, V] scan output)."""
     from jax._src.ad_checkpoint import saved_residuals
@@ -86,7 +93,7 @@ def test_chunked_logits_keep_one_copy_of_the_lm_head_for_the_backward_pass():
 
     def loss(p, h):
         return sft.selected_token_logprobs(nnx.merge(graph, p, rest), h, jnp.zeros((2, 64), jnp.int32), weight_BT,
-                                           chunk_size=16).logp.sum()
+                                           chunk_size=16, vocab_chunk_size=vocab).logp.sum()
 
     big = [r.shape for r, _ in saved_residuals(loss, params, h_BTD) if r.size >= 32 * 300]
     assert big == [(32, 300)], big
@@ -154,19 +161,26 @@ def test_packed_rows_give_each_sequence_its_own_hidden_states(cfg):
 @pytest.mark.parametrize("cfg,option", [(CFG, {}), (GPT2, {}), (CFG.replace(sliding_window=3), {}),
                                         (CFG, dict(attention="dot_product", remat=True))],
                          ids=["llama", "gpt2", "window", "dot_product-remat"])
-def test_hidden_at_a_few_tokens_equals_the_full_pass_there(cfg, option):
-    """The last layer run only at the read tokens gives the full pass's hidden states there, in
+def test_hidden_at_and_on_a_span_equal_the_full_pass_there(cfg, option):
+    """The last layer run only at the read tokens (`hidden_at`) or on a span of every row
+    (`hidden_span`, the later tokens dropped) gives the full pass's hidden states there, in
     left-padded rows and in packed rows (one read per sequence), and the same gradients."""
     model = _model(cfg.replace(**option))
     ids, mask = _left_padded_batch()
     rows, cols = jnp.asarray([0, 1, 2, 1]), jnp.asarray([9, 9, 9, 4])
     full = model.hidden(ids, mask)[0]
     np.testing.assert_allclose(model.hidden_at(ids, mask, rows, cols), full[rows, cols], atol=1e-5)
+    real = mask[:, 4:9, None] > 0  # (a padding token attends to nothing: its state is arbitrary)
+    np.testing.assert_allclose(jnp.where(real, model.hidden_span(ids, mask, 4, 9), 0), jnp.where(real, full[:, 4:9], 0),
+                               atol=1e-5)
+    _close(_grads(model, lambda m: (jnp.where(real, m.hidden_span(ids, mask, 4, 9), 0) ** 2).sum()),
+           _grads(model, lambda m: (jnp.where(real, m.hidden(ids, mask)[0][:, 4:9], 0) ** 2).sum()), atol=1e-4)
     seg = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10, [1, 1, 2, 2, 2, 3, 3, 3, 0, 0]], jnp.int32)
     rows, cols = jnp.asarray([0, 0, 1, 2, 2, 2]), jnp.asarray([3, 9, 9, 1, 4, 7])
     full = model.hidden(ids, segment_ids_BT=seg)[0]
     np.testing.assert_allclose(model.hidden_at(ids, None, rows, cols, segment_ids_BT=seg), full[rows, cols],
                                atol=1e-5)
+    np.testing.assert_allclose(model.hidden_span(ids, None, 2, 10, segment_ids_BT=seg), full[:, 2:], atol=1e-5)
     _close(_grads(model, lambda m: (m.hidden_at(ids, None, rows, cols, segment_ids_BT=seg) ** 2).sum()),
            _grads(model, lambda m: (m.hidden(ids, segment_ids_BT=seg)[0][rows, cols] ** 2).sum()), atol=1e-4)
 

@@ -222,6 +222,18 @@ class Attention(nnx.Module):
             allowed_N1T &= (segments_NT == segments_NT[jnp.arange(len(rows_N)), columns_N][:, None])[:, None, :]
         return self.o(self._attend(q_N1HE, k_NTKE, v_NTKE, allowed_N1T))[:, 0]
 
+    def span(self, x_BTD, positions_BT, key_mask_BT, segment_ids_BT, start: int):
+        """The attention output [B, T - start, D] of the queries at tokens start, start + 1, …
+        of every row (no cache): `__call__`'s there, without the queries, output projection and
+        scores of the earlier tokens (whose keys and values it still reads)."""
+        t = x_BTD.shape[1]
+        q_BMHE = self._queries(x_BTD[:, start:], positions_BT[:, start:])
+        k_BTKE, v_BTKE = self._keys_values(x_BTD, positions_BT)
+        allowed_BMT = self._allowed(jnp.arange(start, t)[None, :], jnp.arange(t), key_mask_BT)
+        if segment_ids_BT is not None:
+            allowed_BMT &= segment_ids_BT[:, start:, None] == segment_ids_BT[:, None, :]
+        return self.o(self._attend(q_BMHE, k_BTKE, v_BTKE, allowed_BMT))
+
     def _queries(self, x_BTD, positions_BT):
         """Rotated queries [B, T, H, E]."""
         cfg = self.cfg
@@ -312,6 +324,12 @@ class Block(nnx.Module):
         a_ND = self.attn.at(self.attn_norm(x_BTD), positions_BT, key_mask_BT, segment_ids_BT, rows_N, columns_N)
         x_ND = x_BTD[rows_N, columns_N] + a_ND
         return x_ND + self.mlp(self.mlp_norm(x_ND))
+
+    def span(self, x_BTD, positions_BT, key_mask_BT, segment_ids_BT, start: int):
+        """The block's output [B, T - start, D] at tokens start, start + 1, … of every row (no cache)."""
+        a_BMD = self.attn.span(self.attn_norm(x_BTD), positions_BT, key_mask_BT, segment_ids_BT, start)
+        x_BMD = x_BTD[:, start:] + a_BMD
+        return x_BMD + self.mlp(self.mlp_norm(x_BMD))
 
 
 class Transformer(nnx.Module):
@@ -404,6 +422,24 @@ class Transformer(nnx.Module):
             x_BTD = self._block(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
         rows_N, columns_N = rows_N.astype(jnp.int32), columns_N.astype(jnp.int32)
         return self.final_norm(last.at(x_BTD, positions_BT, attention_mask_BT, segment_ids_BT, rows_N, columns_N))
+
+    def hidden_span(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None, start: int, stop: int, *,
+                    segment_ids_BT: jax.Array | None = None) -> jax.Array:
+        """`hidden(...)[0][:, start:stop]`, [B, stop - start, D], for heads read on a span of
+        every row (a policy's log-probs and a critic's values at the response tokens). Tokens
+        from `stop` on are never read (attention is causal) and the last layer runs only on
+        the span, as in `hidden_at`; packed rows as in `hidden`."""
+        if not 0 <= start < stop <= input_ids_BT.shape[1]:
+            raise ValueError(f"hidden_span: [{start}, {stop}) is not a span of {input_ids_BT.shape[1]} tokens")
+        cut = lambda a: None if a is None else a[:, :stop]
+        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._embed_tokens(
+            input_ids_BT[:, :stop], cut(attention_mask_BT), None, None, cut(segment_ids_BT))
+        *first, last = self.layers
+        for layer in first:
+            x_BTD = self._block(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
+        span = lambda layer, *args: layer.span(*args, start)
+        call = nnx.remat(span) if self.cfg.remat else span  # as `_block`: only its input kept
+        return self.final_norm(call(last, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT))
 
     def _embed_tokens(self, input_ids_BT, attention_mask_BT, positions_BT, cache, segment_ids_BT):
         """The token (+ position) embeddings [B, T, D], the positions, the int32 attention mask

@@ -119,9 +119,9 @@ def _full(query_ids, query_mask, response_ids, response_mask):
 def response_logprobs_and_hidden(model: Transformer, ids_BT, mask_BT, q: int, temperature: float):
     """Log-probs [B, R] of the real response tokens (logits / T; 0 after the response ends), the
     hidden states that predict them [B, R, D] and the entropies there [B, R]. Logits are made a
-    chunk of positions at a time (`sft.selected_token_logprobs`), never as one [B, R, V] array."""
-    h_BTD, _ = model.hidden(ids_BT, mask_BT)
-    h_BRD = h_BTD[:, q - 1:-1]  # position t predicts token t + 1
+    chunk of positions at a time (`sft.selected_token_logprobs`), never as one [B, R, V] array;
+    the last layer runs only at the R positions read (`Transformer.hidden_span`)."""
+    h_BRD = model.hidden_span(ids_BT, mask_BT, q - 1, ids_BT.shape[1] - 1)  # position t predicts token t + 1
     stats = selected_token_logprobs(model, h_BRD, ids_BT[:, q:], mask_BT[:, q:], temperature=temperature)
     return stats.logp, h_BRD, stats.entropy
 
@@ -129,8 +129,7 @@ def response_logprobs_and_hidden(model: Transformer, ids_BT, mask_BT, q: int, te
 def _values(policy: Transformer, critic: Transformer | None, h_BRD, ids_BT, mask_BT, q: int):
     if critic is None:
         return policy.values(h_BRD)
-    hc_BTD, _ = critic.hidden(ids_BT, mask_BT)
-    return critic.values(hc_BTD[:, q - 1:-1])
+    return critic.values(critic.hidden_span(ids_BT, mask_BT, q - 1, ids_BT.shape[1] - 1))
 
 
 def _models(defs, params, frozen):
