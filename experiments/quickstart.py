@@ -13,16 +13,15 @@ policy step of every round (rlhf_jax/pipeline.py); experiments/algorithms.py run
 `:ptx=1.0` also runs the last round's PPO (RLOO, GRPO) again with PPO-ptx, the next-token loss on a
 fresh draw of the task's demonstrations mixed into every step with coefficient 1.0, and the
 alignment-tax table (held-out demonstration loss of SFT, PPO and PPO-ptx) compares the two; it
-printed (seed 0, 125 s of pipeline) 0.576, 2.262 and 0.704 nats/token at gold scores +0.095,
-+0.991 and +0.866 (PPO-ptx's KL to SFT 5.04 nats; SFT, RM and PPO are the ones below).
+printed (seed 0, 116 s of pipeline) 0.576, 1.882 and 0.711 nats/token at gold scores +0.095,
++0.987 and +0.889 (PPO-ptx's KL to SFT 6.56 nats; SFT, RM and PPO are the ones below).
 
-What it printed (seed 0; 77 s of pipeline on 2 idle CPU cores, the same figures on a fresh clone
-with only `pip install -e .`; the PPO row of experiments/algorithms.py gives the same figures):
+What it printed (seed 0; 99 s of pipeline on 2 idle CPU cores; the PPO row of experiments/algorithms.py gives the same figures):
 
 | policy | gold score | RM accuracy | KL to SFT (nats) |
 |--------|-----------:|------------:|-----------------:|
 | SFT    |     +0.095 |             |                0 |
-| PPO    |     +0.991 |       0.766 |             7.65 |
+| PPO    |     +0.987 |       0.766 |             9.51 |
 """
 
 from pathlib import Path

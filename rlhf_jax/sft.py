@@ -53,13 +53,13 @@ def selected_token_logprobs(model: Transformer, h_BTD: jax.Array, targets_BT: ja
     and taken `chunk_size` positions at a time in a scan; a chunk past the last read position
     is skipped (`lax.cond`), so padding, prompts and (in packed rows) the unused tail cost no
     logits. Within a chunk:
-      * `vocab_chunk_size` > 0 (the default on CPU, 2048): the vocabulary is walked in slices
+      * 0 < `vocab_chunk_size` < V (the default on CPU is 2048): the vocabulary is walked in slices
         of that many columns, the log-sum-exp, entropy and argmax kept as running sums
         (`_vocab_sliced_stats`), and the backward pass walks it again, writing each slice of
         the head's gradient once; the largest logits array is [chunk_size, vocab_chunk_size],
         which stays in cache (2.3× faster than whole rows at an SFT batch's shapes on CPU).
-      * 0 (the default elsewhere): the chunk's [chunk_size, V] logits at once, rematerialised
-        in the backward pass.
+      * otherwise (0 is the default off CPU): the chunk's [chunk_size, V] logits at once,
+        rematerialised in the backward pass.
     """
     if vocab_chunk_size is None:
         vocab_chunk_size = 2048 if jax.default_backend() == "cpu" else 0
@@ -76,9 +76,8 @@ def selected_token_logprobs(model: Transformer, h_BTD: jax.Array, targets_BT: ja
     h_KCD = jnp.pad(h_BTD.reshape(n, d)[order_N], ((0, pad), (0, 0))).reshape(num_chunks, c, d)
     tgt_KC = jnp.pad(targets_N[order_N], (0, pad)).reshape(num_chunks, c)
     read_K = jnp.arange(num_chunks) * c < count
-    if vocab_chunk_size > 0:
-        width = min(vocab_chunk_size, w_DV.shape[1])
-        stats_KC = _vocab_sliced_stats(h_KCD, w_DV, tgt_KC, read_K, temperature, width)
+    if 0 < vocab_chunk_size < w_DV.shape[1]:
+        stats_KC = _vocab_sliced_stats(h_KCD, w_DV, tgt_KC, read_K, temperature, vocab_chunk_size)
     else:
         stats_KC = _whole_row_stats(h_KCD, w_DV, tgt_KC, read_K, temperature)
     keep_BT = read_N.reshape(b, t)

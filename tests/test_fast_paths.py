@@ -48,10 +48,10 @@ def sft_data():
 
 
 # ---------------------------------------------------------------- logits only where read
-@pytest.mark.parametrize("chunk,vocab", [(7, 0), (10_000, 0), (7, 64), (10_000, 100), (5, None)])
+@pytest.mark.parametrize("chunk,vocab", [(7, 0), (10_000, 0), (7, 64), (10_000, 100), (5, 299)])
 def test_selected_token_logprobs_equal_full_logits(chunk, vocab):
-    """Whole-row logits per chunk (vocab 0) or the vocabulary in slices of 64 (4 + a part) or
-    100 columns (3) of 300; None: the backend's default."""
+    """Whole-row logits per chunk (vocab 0) or the vocabulary in slices of 64 (4 + a part),
+    100 (3) or 299 columns (1 + a part of 1) of 300."""
     model = _model()
     rng = np.random.default_rng(0)
     h_BTD = jnp.asarray(rng.normal(size=(3, 11, 32)), jnp.float32)
