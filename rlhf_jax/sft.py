@@ -57,7 +57,7 @@ def selected_token_logprobs(model: Transformer, h_BTD: jax.Array, targets_BT: ja
         of that many columns, the log-sum-exp, entropy and argmax kept as running sums
         (`_vocab_sliced_stats`), and the backward pass walks it again, writing each slice of
         the head's gradient once; the largest logits array is [chunk_size, vocab_chunk_size],
-        which stays in cache (2.3× faster than whole rows at an SFT batch's shapes on CPU).
+        which stays in cache (`benchmarks/lm_head.py` times both ways).
       * otherwise (0 is the default off CPU): the chunk's [chunk_size, V] logits at once,
         rematerialised in the backward pass.
     """
@@ -116,9 +116,12 @@ def _whole_row_stats(h_KCD, w_DV, tgt_KC, read_K, temperature):
 # Σ exp and Σ exp·logit (online softmax). Backward: the logits of each slice again, then
 # d logits = g · (onehot − p) / T, dh += d logits · W_slice^T, dW_slice += h^T · d logits.
 
-def _slices(v: int, width: int) -> tuple[int, int]:
-    """(full slices, width of the last partial one or 0)."""
-    return v // width, v % width
+def _walk_slices(step, carry, v: int, width: int):
+    """`carry = step(carry, start, size)` over the slices [start, start + size) of v columns:
+    the full ones of `width` in a loop, then the partial last one, if any."""
+    full, rest = v // width, v % width
+    carry = jax.lax.fori_loop(0, full, lambda j, cr: step(cr, j * width, width), carry)
+    return step(carry, full * width, rest) if rest else carry
 
 
 def _slice_logits(h_CD, w_DV, start, width, temperature):
@@ -146,14 +149,10 @@ def _forward_slices(h_CD, w_DV, tgt_C, temperature, width):
         arg_C = jnp.where(top_C > best_C, jnp.argmax(logits_CS, -1).astype(jnp.int32) + start, arg_C)
         return m_new_C, s0_C, s1_C, tl_C, jnp.maximum(best_C, top_C), arg_C
 
-    full, rest = _slices(w_DV.shape[1], width)
     low = jnp.full((c,), -jnp.inf, jnp.float32)
     zero = jnp.zeros((c,), jnp.float32)
-    carry = (low, zero, zero, zero, low, jnp.zeros((c,), jnp.int32))
-    carry = jax.lax.fori_loop(0, full, lambda j, cr: step(cr, j * width, width), carry)
-    if rest:
-        carry = step(carry, full * width, rest)
-    m_C, s0_C, s1_C, tl_C, _, arg_C = carry
+    m_C, s0_C, s1_C, tl_C, _, arg_C = _walk_slices(step, (low, zero, zero, zero, low, jnp.zeros((c,), jnp.int32)),
+                                                   w_DV.shape[1], width)
     lse_C = m_C + jnp.log(s0_C)
     return tl_C - lse_C, (arg_C == tgt_C).astype(jnp.float32), lse_C - s1_C / s0_C, lse_C
 
@@ -172,12 +171,7 @@ def _backward_slices(h_CD, w_DV, tgt_C, lse_C, g_C, dw_DV, temperature, width):
             dw_DV, jax.lax.dynamic_slice_in_dim(dw_DV, start, size, axis=1) + dw_DS, start, axis=1)
         return dh_CD, dw_DV
 
-    full, rest = _slices(w_DV.shape[1], width)
-    carry = (jnp.zeros(h_CD.shape, jnp.float32), dw_DV)
-    carry = jax.lax.fori_loop(0, full, lambda j, cr: step(cr, j * width, width), carry)
-    if rest:
-        carry = step(carry, full * width, rest)
-    return carry
+    return _walk_slices(step, (jnp.zeros(h_CD.shape, jnp.float32), dw_DV), w_DV.shape[1], width)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -187,13 +181,12 @@ def _vocab_sliced_stats(h_KCD, w_DV, tgt_KC, read_K, temperature, width):
 
 
 def _vocab_sliced_fwd(h_KCD, w_DV, tgt_KC, read_K, temperature, width):
-    c = h_KCD.shape[1]
+    zeros = (jnp.zeros((h_KCD.shape[1],), jnp.float32),) * 4
+    forward = functools.partial(_forward_slices, temperature=temperature, width=width)
 
     def body(_, xs):
         read, h_CD, tgt_C = xs
-        zeros = (jnp.zeros((c,), jnp.float32),) * 4
-        return None, jax.lax.cond(read, functools.partial(_forward_slices, temperature=temperature, width=width),
-                                  lambda *_: zeros, h_CD, w_DV, tgt_C)
+        return None, jax.lax.cond(read, forward, lambda *_: zeros, h_CD, w_DV, tgt_C)
 
     logp_KC, hit_KC, entropy_KC, lse_KC = jax.lax.scan(body, None, (read_K, h_KCD, tgt_KC))[1]
     return (logp_KC, hit_KC, entropy_KC), (h_KCD, w_DV, tgt_KC, read_K, lse_KC)
@@ -202,11 +195,11 @@ def _vocab_sliced_fwd(h_KCD, w_DV, tgt_KC, read_K, temperature, width):
 def _vocab_sliced_bwd(temperature, width, residuals, cotangents):
     h_KCD, w_DV, tgt_KC, read_K, lse_KC = residuals
     g_KC = cotangents[0]  # hit and entropy are statistics: no gradient
+    backward = functools.partial(_backward_slices, temperature=temperature, width=width)
+    skipped = lambda h, w, y, l, g, dw: (jnp.zeros(h.shape, jnp.float32), dw)
 
     def body(dw_DV, xs):
         read, h_CD, tgt_C, lse_C, g_C = xs
-        backward = functools.partial(_backward_slices, temperature=temperature, width=width)
-        skipped = lambda h, w, y, l, g, dw: (jnp.zeros(h.shape, jnp.float32), dw)
         dh_CD, dw_DV = jax.lax.cond(read, backward, skipped, h_CD, w_DV, tgt_C, lse_C, g_C, dw_DV)
         return dw_DV, dh_CD
 

@@ -415,13 +415,11 @@ class Transformer(nnx.Module):
         tokens, the last one only on the N read tokens (it still reads every key and value of
         their rows), which skips its queries, attention, output projection and MLP elsewhere.
         Packed rows as in `hidden`."""
-        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._embed_tokens(
-            input_ids_BT, attention_mask_BT, None, None, segment_ids_BT)
-        *first, last = self.layers
-        for layer in first:
-            x_BTD = self._block(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
+        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._before_last_layer(
+            input_ids_BT, attention_mask_BT, segment_ids_BT)
         rows_N, columns_N = rows_N.astype(jnp.int32), columns_N.astype(jnp.int32)
-        return self.final_norm(last.at(x_BTD, positions_BT, attention_mask_BT, segment_ids_BT, rows_N, columns_N))
+        return self.final_norm(self.layers[-1].at(x_BTD, positions_BT, attention_mask_BT, segment_ids_BT, rows_N,
+                                                  columns_N))
 
     def hidden_span(self, input_ids_BT: jax.Array, attention_mask_BT: jax.Array | None, start: int, stop: int, *,
                     segment_ids_BT: jax.Array | None = None) -> jax.Array:
@@ -432,14 +430,20 @@ class Transformer(nnx.Module):
         if not 0 <= start < stop <= input_ids_BT.shape[1]:
             raise ValueError(f"hidden_span: [{start}, {stop}) is not a span of {input_ids_BT.shape[1]} tokens")
         cut = lambda a: None if a is None else a[:, :stop]
-        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._embed_tokens(
-            input_ids_BT[:, :stop], cut(attention_mask_BT), None, None, cut(segment_ids_BT))
-        *first, last = self.layers
-        for layer in first:
-            x_BTD = self._block(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
+        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._before_last_layer(
+            input_ids_BT[:, :stop], cut(attention_mask_BT), cut(segment_ids_BT))
         span = lambda layer, *args: layer.span(*args, start)
         call = nnx.remat(span) if self.cfg.remat else span  # as `_block`: only its input kept
-        return self.final_norm(call(last, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT))
+        return self.final_norm(call(self.layers[-1], x_BTD, positions_BT, attention_mask_BT, segment_ids_BT))
+
+    def _before_last_layer(self, input_ids_BT, attention_mask_BT, segment_ids_BT):
+        """`_embed_tokens` (no cache) and every layer but the last: what `hidden_at` and
+        `hidden_span` give their last layer, (x [B, T, D], positions, attention mask, segment ids)."""
+        x_BTD, positions_BT, attention_mask_BT, segment_ids_BT = self._embed_tokens(
+            input_ids_BT, attention_mask_BT, None, None, segment_ids_BT)
+        for layer in self.layers[:-1]:
+            x_BTD = self._block(layer, x_BTD, positions_BT, attention_mask_BT, segment_ids_BT)
+        return x_BTD, positions_BT, attention_mask_BT, segment_ids_BT
 
     def _embed_tokens(self, input_ids_BT, attention_mask_BT, positions_BT, cache, segment_ids_BT):
         """The token (+ position) embeddings [B, T, D], the positions, the int32 attention mask
