@@ -43,9 +43,9 @@ def get_config(arg=None):
         split_seed=0, on_bad_row="error",
         # SFT: pack several examples into each of a batch's train.batch_size rows of max_length
         # tokens (attention and positions stay per example), instead of padding one per row.
-        # RM: pack a batch's responses several to a row of max_length tokens, in as many rows
-        # as they need rounded up to a multiple of packed_rows_multiple (a step compiles once
-        # per row count: rm.max_responses / packed_rows_multiple programs at most).
+        # RM, DPO: pack a batch's responses several to a row of max_length tokens, in as many
+        # rows as they need rounded up to a multiple of packed_rows_multiple (a step compiles
+        # once per row count: max_responses / packed_rows_multiple programs at most).
         packing=False,
         packed_rows_multiple=2,
         # SFT, RM, DPO without packing: > 0 pads each batch only to the next multiple of this

@@ -7,9 +7,10 @@ The policy starts from `model` and is pulled towards the chosen responses relati
 frozen reference (`dpo.reference_path`; '' = the starting policy): no reward model, no
 sampling. `dpo.loss_type='ipo'` gives IPO; `dpo.label_smoothing` > 0 conservative DPO;
 `dpo.precompute_reference=True` scores the data once with the reference before training
-and then drops it (one forward pass per step instead of two). To start from an SFT run:
---config.model.init=pretrained --config.model.path=runs/sft/model. Variants: `tiny`
-(default), `smollm2` (SmolLM2-135M-Instruct from its GGUF file, top layers trained).
+and then drops it (one forward pass per step instead of two). A batch's responses are packed
+several to a row (data.packing; --config.data.packing=False pads one per row). To start from
+an SFT run: --config.model.init=pretrained --config.model.path=runs/sft/model. Variants:
+`tiny` (default), `smollm2` (SmolLM2-135M-Instruct from its GGUF file, top layers trained).
 """
 
 from pathlib import Path
@@ -30,6 +31,7 @@ def get_config(arg=None):
     c.data.path = "../shared/data/hh_rlhf_harmless_dev.jsonl.gz"
     c.data.on_bad_row = "skip"  # 4 rows of this file have an empty chosen response
     c.data.max_length = 256
+    c.data.packing = True  # several responses to a row of max_length tokens (HH lengths vary widely)
     c.data.eval_fraction = 0.1
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1,  # KL strength: implicit reward = beta * log(pi / pi_ref)

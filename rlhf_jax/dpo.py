@@ -207,20 +207,30 @@ def batch_kwargs(cfg) -> dict:
     if d.pair_weighting not in PAIR_WEIGHTINGS:
         raise ValueError(f"dpo.pair_weighting={d.pair_weighting!r} is not one of {list(PAIR_WEIGHTINGS)}")
     return dict(max_responses=int(d.max_responses), max_pairs=int(d.max_pairs), response_mask=True,
-                pair_weighting=d.pair_weighting, pad_to_multiple_of=int(cfg.data.get("pad_to_multiple_of", 0)))
+                pair_weighting=d.pair_weighting, pad_to_multiple_of=int(cfg.data.get("pad_to_multiple_of", 0)),
+                pack=bool(cfg.data.get("packing", False)), row_multiple=int(cfg.data.get("packed_rows_multiple", 1)))
 
 
 def response_logprobs(model, batch: dict) -> Array:
-    """log π(response | prompt) per row [N]: token log-probs summed over `response_mask`.
+    """log π(response | prompt) of each of the batch's N responses [N]: token log-probs
+    summed over `response_mask`.
 
-    batch: input_ids, attention_mask int32[N, T], response_mask float32[N, T] (position t
-    predicts token t + 1, so the mask is read from t = 1). Logits are computed only at the
-    response tokens (`sft.selected_token_logprobs`)."""
-    ids_NT = batch["input_ids"]
-    h_NTD, _ = model.hidden(ids_NT, batch["attention_mask"])
-    weight_NT = batch["response_mask"][:, 1:]
-    logp_NT = sft.selected_token_logprobs(model, h_NTD[:, :-1], ids_NT[:, 1:], weight_NT).logp
-    return sequence_logprobs(logp_NT, weight_NT)
+    batch: input_ids, attention_mask int32[R, T], response_mask float32[R, T] (position t
+    predicts token t + 1, so the mask is read from t = 1); one response per row (R = N), or
+    packed rows (`data.packed_preference_batch`: `segment_ids`, and `response_idx` [R, T]
+    naming each token's response, whose sums are then segment sums). Logits are computed
+    only at the response tokens (`sft.selected_token_logprobs`)."""
+    ids_RT = batch["input_ids"]
+    h_RTD, _ = model.hidden(ids_RT, batch["attention_mask"], segment_ids_BT=batch.get("segment_ids"))
+    weight_RT = batch["response_mask"][:, 1:]
+    logp_RT = sft.selected_token_logprobs(model, h_RTD[:, :-1], ids_RT[:, 1:], weight_RT).logp
+    if "response_idx" not in batch:
+        return sequence_logprobs(logp_RT, weight_RT)
+    # A response token is never its segment's first, so the target at t + 1 is in t's segment.
+    read_RT = weight_RT > 0
+    owner_RT = jnp.where(read_RT, batch["response_idx"][:, 1:], 0)
+    return jax.ops.segment_sum(jnp.where(read_RT, _float(logp_RT), 0.0).reshape(-1), owner_RT.reshape(-1),
+                               num_segments=batch["response_row"].shape[0])
 
 
 def reference_model(model, frozen: dict):

@@ -122,11 +122,14 @@ def test_dpo_resumes_to_identical_parameters(trained, pref_path, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_four_devices_match_one_device(pref_path, tmp_path):
-    """Response rows and pairs sharded over data × fsdp (the pairs index the global batch), the
-    reference's copies sharded like the parameters: the same losses as one device."""
-    changes = {"train.num_steps": 4, "train.eval_every": 0}
-    run(tiny_dpo_config(pref_path, **changes), tmp_path / "one")
+def test_four_devices_with_packed_rows_match_one_device_with_a_row_per_response(pref_path, tmp_path):
+    """Packed response rows (the configs' default; two micro-batches a step, which share a row
+    count) sharded over data × fsdp, the pairs indexing the global batch and the reference's
+    copies sharded like the parameters: the same losses as one response per left-padded row
+    on one device."""
+    changes = {"train.num_steps": 4, "train.eval_every": 0, "train.grad_accum": 2}
+    assert tiny_dpo_config(pref_path).data.packing
+    run(tiny_dpo_config(pref_path, **changes, **{"data.packing": False}), tmp_path / "one")
     run(tiny_dpo_config(pref_path, **changes, **{"mesh.num_devices": 4, "mesh.data": 2, "mesh.fsdp": 2}),
         tmp_path / "four")
     one, four = ([r for r in read_metrics(tmp_path / name) if "train/loss" in r] for name in ("one", "four"))

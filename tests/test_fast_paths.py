@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rlhf_jax import data as data_lib
-from rlhf_jax import reward_model, sft
+from rlhf_jax import dpo, reward_model, sft
 from rlhf_jax.data import batching
 from rlhf_jax.models import Transformer
 from rlhf_jax.models.config import ModelConfig
@@ -386,12 +386,55 @@ def test_packed_preference_batches_round_rows_resume_and_split(pref_data):
     stepped = list(batching.batches(pref_data, num_epochs=1, grad_accum=2, **kw))
     for a, b in zip(stepped[::2], stepped[1::2]):
         assert a["input_ids"].shape == b["input_ids"].shape  # a step's micro-batches stack
-    with pytest.raises(ValueError, match="no response_mask"):
-        batching.batches(pref_data, response_mask=True, **kw)
+    dpo_epoch = list(batching.batches(pref_data, num_epochs=1, response_mask=True, **kw))
+    for a, b in zip(epoch, dpo_epoch):  # the same layout, with DPO's two keys padded along
+        np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+        assert b["response_mask"].shape == b["response_idx"].shape == a["input_ids"].shape
+        assert (b["response_idx"][a["segment_ids"] == 0] == -1).all()
+
+
+def test_packed_dpo_batch_masks_each_response_like_the_padded_batch(pref_data):
+    """Response n's tokens and its response tokens: the same in a packed row (where
+    response_idx is n) as in its own left-padded row."""
+    groups = [0, 1, 2, 3]
+    padded = batching.preference_batch(pref_data, groups, 12, 12, response_mask=True)
+    rows = batching.packed_preference_batch(pref_data, groups, 12, 12)["input_ids"].shape[0]
+    packed = batching.packed_preference_batch(pref_data, groups, 12, 12, response_mask=True, num_rows=rows + 2)
+    assert packed["input_ids"].shape[0] == rows + 2 and (packed["response_idx"][rows:] == -1).all()
+    for n in range(12):
+        real = padded["attention_mask"][n] > 0
+        mine = packed["response_idx"] == n
+        assert mine.sum() == real.sum()
+        np.testing.assert_array_equal(packed["input_ids"][mine], padded["input_ids"][n][real])
+        np.testing.assert_array_equal(packed["response_mask"][mine], padded["response_mask"][n][real])
+    assert packed["response_mask"].sum() == padded["response_mask"].sum() > 0
+
+
+def test_packed_dpo_loss_equals_padded_loss(pref_data):
+    """DPO over the same pairs, responses packed or one per row: the same per-response
+    log-probs, loss, metrics and gradient (the reference both in the state and precomputed)."""
+    policy = _model()
+    as_jnp = lambda b: {k: jnp.asarray(v) for k, v in b.items()}
+    kw = dict(max_responses=12, max_pairs=12, shuffle=False, pair_weighting="per_prompt", response_mask=True)
+    padded, packed = (as_jnp(next(batching.batches(pref_data, **kw, pack=p))) for p in (False, True))
+    assert packed["input_ids"].shape[0] < 12
+    logp = dpo.response_logprobs(policy, padded)
+    np.testing.assert_allclose(dpo.response_logprobs(policy, packed), logp, rtol=1e-5)
+    ref = jnp.asarray(np.random.default_rng(0).normal(size=12), jnp.float32) + logp  # a reference off the policy
+    loss = lambda m, b: dpo.stage_loss(m, dict(b, ref_logps=ref), {}, beta=0.5, loss_type="sigmoid",
+                                       label_smoothing=0.0)
+    (l_p, w_p, s_p), (l, w, s) = loss(policy, packed), loss(policy, padded)
+    np.testing.assert_allclose(l_p, l, rtol=1e-5)
+    assert float(w_p) == float(w)
+    for k in s:
+        # Sums of ~-300 nats in another order: float32 rounding of ~1e-5 in their differences.
+        np.testing.assert_allclose(s_p[k][0], s[k][0], rtol=1e-5, atol=1e-4, err_msg=k)
+    _close(_grads(policy, lambda m: loss(m, packed)[0]), _grads(policy, lambda m: loss(m, padded)[0]),
+           atol=1e-4)  # entries up to ~8: float32 rounding
 
 
 @pytest.mark.parametrize("stage,data,match", [
-    ("dpo", dict(packing=True), "data.packing=True packs SFT examples and RM responses"),
+    ("pretrain", dict(packing=True), "data.packing=True packs SFT examples and RM/DPO responses"),
     ("rm", dict(packing=True, packed_rows_multiple=0), "data.packed_rows_multiple=0"),
     ("sft", dict(packing=True, pad_to_multiple_of=64), "data.pad_to_multiple_of=64"),
     ("sft", dict(pad_to_multiple_of=-8), "data.pad_to_multiple_of=-8"),

@@ -114,6 +114,14 @@ def prompt_batch(dataset: Dataset, indices: Sequence[int]) -> dict[str, np.ndarr
 PAIR_WEIGHTINGS = ("per_pair", "per_prompt")
 
 
+def _response_starts(group) -> np.ndarray:
+    """Where each response's own tokens begin in the group's prompt+response sequences."""
+    if group.response_starts is None:
+        raise ValueError(f"{group.where}: this group has no response_starts (build it with "
+                         "preference_dataset) so its response tokens are unknown")
+    return group.response_starts
+
+
 def _optional_fields(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int,
                      response_mask: bool, pair_weighting: str | None) -> dict[str, np.ndarray]:
     """The optional keys of `preference_batch` for the groups packed in this order.
@@ -130,10 +138,7 @@ def _optional_fields(dataset: Dataset, groups: Sequence[int], max_responses: int
     if response_mask:
         T, mask, row = dataset.seq_len, np.zeros((max_responses, dataset.seq_len), np.float32), 0
         for group in exs:
-            if group.response_starts is None:
-                raise ValueError(f"{group.where}: this group has no response_starts (build it with "
-                                 "preference_dataset) so its response tokens are unknown")
-            for seq, start in zip(group.responses, group.response_starts):
+            for seq, start in zip(group.responses, _response_starts(group)):
                 mask[row, T - len(seq) + int(start):] = 1.0
                 row += 1
         out["response_mask"] = mask
@@ -196,12 +201,16 @@ def pack_responses(lengths: Sequence[int], row_length: int) -> list[list[int]]:
 def _with_rows(batch: dict[str, np.ndarray], num_rows: int, pad_id: int) -> dict[str, np.ndarray]:
     """A packed preference batch with all-padding rows appended up to `num_rows`."""
     extra = ((0, num_rows - batch["input_ids"].shape[0]), (0, 0))
-    return dict(batch, input_ids=np.pad(batch["input_ids"], extra, constant_values=pad_id),
-                attention_mask=np.pad(batch["attention_mask"], extra), segment_ids=np.pad(batch["segment_ids"], extra))
+    padded = dict(batch, input_ids=np.pad(batch["input_ids"], extra, constant_values=pad_id),
+                  attention_mask=np.pad(batch["attention_mask"], extra), segment_ids=np.pad(batch["segment_ids"], extra))
+    if "response_idx" in batch:
+        padded.update(response_mask=np.pad(batch["response_mask"], extra),
+                      response_idx=np.pad(batch["response_idx"], extra, constant_values=-1))
+    return padded
 
 
 def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
-                            num_rows: int | None = None,
+                            num_rows: int | None = None, response_mask: bool = False,
                             pair_weighting: str | None = None) -> dict[str, np.ndarray]:
     """The preference groups at `groups` with their responses packed several to a row
     (`pack_responses`) in `num_rows` right-padded rows of T tokens (default: as many as they
@@ -209,7 +218,11 @@ def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_respons
     row, 0 on padding, as `packed_sft_batch`), `response_row` and `response_end` int32 [N]
     (where response n lies in the batch: its row and its last token's column; −1 for an
     unused response slot), and the pair keys of `preference_batch`, which index the N
-    responses as before. A reward model reads response n's score at (row, end)."""
+    responses as before. A reward model reads response n's score at (row, end).
+
+    With `response_mask` (DPO) also `response_mask` float32 [R, T] (1 on every response's own
+    tokens, as in `preference_batch`) and `response_idx` int32 [R, T] (the n of the response
+    each token belongs to, −1 on padding), so per-response sums are segment sums."""
     seqs, pairs = _pair_fields(dataset, groups, max_responses, max_pairs)
     T = dataset.seq_len
     layout = pack_responses([len(q) for q in seqs], T)
@@ -217,18 +230,27 @@ def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_respons
         raise ValueError(f"groups {list(groups)}: their responses need {len(layout)} packed rows, more than {num_rows}")
     ids = np.full((len(layout), T), dataset.pad_id, np.int32)
     segments = np.zeros((len(layout), T), np.int32)
+    owner = np.full((len(layout), T), -1, np.int32)
     row_N = np.full(max_responses, -1, np.int32)
     end_N = np.full(max_responses, -1, np.int32)
     for r, row in enumerate(layout):
         at = 0
         for k, i in enumerate(row, start=1):
             n = len(seqs[i])
-            ids[r, at:at + n], segments[r, at:at + n] = seqs[i], k
+            ids[r, at:at + n], segments[r, at:at + n], owner[r, at:at + n] = seqs[i], k, i
             row_N[i], end_N[i] = r, at + n - 1
             at += n
     batch = {"input_ids": ids, "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
              "response_row": row_N, "response_end": end_N, **pairs,
              **_optional_fields(dataset, groups, max_responses, max_pairs, False, pair_weighting)}
+    if response_mask:
+        starts = np.concatenate([_response_starts(dataset.examples[g]) for g in groups]).astype(np.int64)
+        # Token t of response n is a response token when t >= its start, i.e. column >= end - len + 1 + start.
+        first_N = np.full(max_responses, T, np.int64)
+        first_N[:len(seqs)] = end_N[:len(seqs)] - [len(q) for q in seqs] + 1 + starts
+        column = np.arange(T)[None, :]
+        batch["response_mask"] = ((owner >= 0) & (column >= first_N[np.maximum(owner, 0)])).astype(np.float32)
+        batch["response_idx"] = owner
     return batch if num_rows is None else _with_rows(batch, int(num_rows), dataset.pad_id)
 
 
@@ -355,7 +377,8 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       pack: SFT data: batches of `batch_size` packed rows (`pack_rows`, `packed_sft_batch`)
         instead of one example per row, so a batch holds as many examples as fit. Preference
         data: the same groups per batch, their responses packed several to a row
-        (`packed_preference_batch`; no `response_mask`), in as many rows as they need rounded
+        (`packed_preference_batch`, with `response_idx` beside `response_mask` for DPO), in as
+        many rows as they need rounded
         up to a multiple of `row_multiple` and of `process_count` (so a jitted step compiles
         once per row count, max_responses / row_multiple programs at most); the `grad_accum`
         consecutive batches of a step (counted from global step 0) get the same row count, so
@@ -368,8 +391,6 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
       an iterator of batch dicts with local leading sizes B/n (or N/n and P/n).
     """
     _check_args(dataset, batch_size, max_responses, max_pairs, process_index, process_count, pack)
-    if pack and response_mask:
-        raise ValueError("packed preference rows have no response_mask (DPO reads it): pack=False for DPO")
     if row_multiple < 1 or grad_accum < 1:
         raise ValueError(f"row_multiple={row_multiple}, grad_accum={grad_accum}: both must be positive")
     if pad_to_multiple_of < 0 or (pack and pad_to_multiple_of):
@@ -436,6 +457,7 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
             if pending and pending[0][0] // grad_accum != step // grad_accum:
                 yield from flush()
             pending.append((step, packed_preference_batch(dataset, plan, max_responses, max_pairs,
+                                                          response_mask=response_mask,
                                                           pair_weighting=pair_weighting)))
         if pending:
             yield from flush()

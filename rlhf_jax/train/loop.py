@@ -226,12 +226,12 @@ class StageRun:
 
 def _check_padding(cfg) -> None:
     packing, multiple = cfg.data.get("packing", False), cfg.data.get("pad_to_multiple_of", 0)
-    if packing and cfg.stage not in ("sft", "rm"):
-        raise ValueError(f"data.packing=True packs SFT examples and RM responses; stage={cfg.stage!r} does not "
+    if packing and cfg.stage not in ("sft", "rm", "dpo"):
+        raise ValueError(f"data.packing=True packs SFT examples and RM/DPO responses; stage={cfg.stage!r} does not "
                          "pack (set data.pad_to_multiple_of to trim its padding instead)")
     rows = cfg.data.get("packed_rows_multiple", 1)
     if not isinstance(rows, int) or rows < 1:
-        raise ValueError(f"data.packed_rows_multiple={rows!r}: use a positive integer (packed RM batches are "
+        raise ValueError(f"data.packed_rows_multiple={rows!r}: use a positive integer (packed RM/DPO batches are "
                          "rounded up to a multiple of this many rows)")
     if not isinstance(multiple, int) or multiple < 0 or (packing and multiple):
         raise ValueError(f"data.pad_to_multiple_of={multiple!r}: use 0 (pad to data.max_length) or a positive "
