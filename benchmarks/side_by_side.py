@@ -7,6 +7,10 @@ Workloads (the same model, weights, data, batch and thread count on both sides):
         loop (AdamW, clipping at 1.0, the masked next-token loss) on exactly our batches.
   rm    one reward-model step on HH pairs (../shared/data/hh_rlhf_harmless_dev.jsonl.gz),
         8 pairs (16 sequences), <= 256 tokens: pairs/s, vs TRL `RewardTrainer`.
+  dpo   one DPO step (beta 0.1, the reference = the starting policy, its log-probs computed
+        in every step on both sides) on the same HH pairs, 8 pairs, <= 256 tokens: pairs/s,
+        vs TRL `DPOTrainer` (given the pairs as text decoded from our tokens; it tokenizes
+        them before training).
   ppo   one PPO iteration: 16 prompts (<= 64 tokens), 64 new tokens (temperature 0.7),
         4 PPO epochs of one minibatch, 4 models (policy, reference, reward model, separate
         critic initialised from the RM): seconds per iteration split into generation,
@@ -47,11 +51,15 @@ or of each sequence of a packed row):
 a forward pass over a row of t real tokens costs 2*N*t + 4*L*d_attn*t^2 (N: the parameters
 in matmuls, i.e. all but the input and position embeddings, with the LM head counted once
 even when tied; L layers; d_attn = heads * head_dim; the attention term is QK^T and AV over
-the full t x t square, as PaLM counts it). A training step costs 3x its forward. RM: N
-without the LM head (plus its 1-unit head). PPO: generation = the policy's forward over
-prompt + response; scoring = forwards of the reference, the reward model and the critic;
-optimisation = 4 epochs x training of policy + critic. Sampling: the forward over prompt +
-new tokens (the prefill included). MFU = model FLOP/s over the float32 matmul peak measured
+the full t x t square, as PaLM counts it). A training step costs 3x its forward. SFT and DPO:
+the LM head counted only at the positions the loss reads (the response tokens, counted in
+our batches; logits anywhere else are work no loss uses, which our side skips). RM: N
+without the LM head (plus its 1-unit head). DPO: training plus the reference's forward.
+PPO: generation = the policy's forward over prompt + response; scoring = forwards of the
+reference, the reward model and the critic; optimisation = 4 epochs x training of policy +
+critic. Sampling: the forward over prompt + new tokens (the prefill included). PPO and
+sampling count the LM head at every token, prompts included (an upper bound of the work our
+side does). MFU = model FLOP/s over the float32 matmul peak measured
 in the same run, in a fresh subprocess on the same threads (the larger of a 2048^3 `jnp.dot`
 and `torch.mm`). Pad tokens count for neither side.
 
@@ -87,8 +95,8 @@ import _common  # noqa: E402  (before jax: the environment and the thread settin
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" / "data"
-WORKLOADS = ("sft", "rm", "ppo", "gen")
-CONFIG_NAMES = ("sft", "rm", "ppo", "gen", "scale")
+WORKLOADS = ("sft", "rm", "dpo", "ppo", "gen")
+CONFIG_NAMES = ("sft", "rm", "dpo", "ppo", "gen", "scale")
 MODELS = ("gpt2", "llama")
 VOCAB = 50258
 PEAK_N = 2048
@@ -119,6 +127,12 @@ def forward_flops(n_params: int, shape: Shape, lengths) -> float:
 def train_flops(n_params: int, shape: Shape, lengths) -> float:
     """A training step (forward + backward) is three forwards."""
     return 3.0 * forward_flops(n_params, shape, lengths)
+
+
+def lm_train_flops(shape: Shape, lengths, reads: float) -> float:
+    """A language-model training step whose loss reads `reads` positions of rows of `lengths`
+    real tokens: the trunk over every token, the LM head only where the loss reads it."""
+    return 3.0 * (forward_flops(shape.trunk, shape, lengths) + 2.0 * shape.lm_head * reads)
 
 
 def ppo_flops(shape: Shape, lengths, epochs: int) -> dict[str, float]:
@@ -247,8 +261,8 @@ def check_overrides(overrides, configs: dict) -> None:
 def our_config(name: str, model_dir: Path | None, opts: dict):
     """The stage config of workload `name` as the benchmark sets it, before overrides."""
     from rlhf_jax.config_lib import load_config
-    c = load_config(ROOT / "configs" / {"sft": "sft.py", "rm": "rm.py", "ppo": "ppo.py", "gen": "ppo.py",
-                                        "scale": "pretrain.py"}[name])
+    c = load_config(ROOT / "configs" / {"sft": "sft.py", "rm": "rm.py", "dpo": "dpo.py", "ppo": "ppo.py",
+                                        "gen": "ppo.py", "scale": "pretrain.py"}[name])
     if model_dir is not None:
         c.model.init, c.model.path = "pretrained", str(model_dir / "lm")
     c.data.eval_fraction = 0.0
@@ -260,6 +274,9 @@ def our_config(name: str, model_dir: Path | None, opts: dict):
     elif name == "rm":
         c.data.path, c.data.max_length = str(SHARED / "hh_rlhf_harmless_dev.jsonl.gz"), 256
         c.rm.max_responses, c.rm.max_pairs, c.rm.normalize = 16, 8, False
+    elif name == "dpo":
+        c.data.path, c.data.max_length = str(SHARED / "hh_rlhf_harmless_dev.jsonl.gz"), 256
+        c.dpo.update(dict(max_responses=16, max_pairs=8, beta=0.1, precompute_reference=False, reference_path=""))
     elif name in ("ppo", "gen"):
         c.data.path = str(SHARED / "alpaca_en_demo.json")
         c.reward.rm_path = str(model_dir / "rm")
@@ -334,7 +351,7 @@ def worker_ours_train(spec: dict) -> dict:
         r, _ = loop.build(cfg, workdir)
         build_s = time.perf_counter() - t0
         batches = r.stacked_batches(0)
-        times, rows, units, compiles, shapes = [], [], [], [], set()
+        times, rows, units, reads, compiles, shapes = [], [], [], [], [], set()
         for i in range(spec["warmup"] + spec["steps"]):
             t0 = time.perf_counter()
             batch = next(batches)
@@ -351,9 +368,11 @@ def worker_ours_train(spec: dict) -> dict:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
             rows.append(_sequence_lengths(batch))
+            read = next((batch[k] for k in ("loss_mask", "response_mask") if k in batch), None)
+            reads.append(None if read is None else float((read[..., 1:] > 0).sum()))
             units.append(float(batch["pair_mask"].sum()) if "pair_mask" in batch else float(sum(rows[-1])))
         loss = float(jax.device_get(metrics["loss"]))
-    return dict(times=times, rows=rows, units=units, build_s=build_s, loss=loss, applied=applied,
+    return dict(times=times, rows=rows, units=units, reads=reads, build_s=build_s, loss=loss, applied=applied,
                 more_compiles=compiles)
 
 
@@ -466,6 +485,34 @@ def worker_trl_rm(spec: dict) -> dict:
                             max_length=256)
         trainer = RewardTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
                                 processing_class=tok, callbacks=[timer.callback])
+        trainer.data_collator = _recording(trainer.data_collator, rows)
+        result = trainer.train()
+    return dict(times=timer.times, rows=rows, units=[len(r) / 2.0 for r in rows], loss=float(result.training_loss))
+
+
+def worker_trl_dpo(spec: dict) -> dict:
+    """TRL DPOTrainer on our HH pairs (as text: prompt, chosen and rejected decoded from our
+    tokens, the EOS kept), in our order; its reference is a copy of the starting model."""
+    import datasets
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+    tok = transformers.AutoTokenizer.from_pretrained(Path(spec["model_dir"]) / "lm")
+    pairs = []
+    for b in _their_batches(spec, spec["warmup"] + spec["steps"]):
+        ids, real, response = b["input_ids"], b["attention_mask"] > 0, b["response_mask"] > 0
+        text = lambda n, part: tok.decode(ids[n][part[n]].tolist())
+        for c, r, on in zip(b["chosen_idx"], b["rejected_idx"], b["pair_mask"]):
+            if on:
+                pairs.append({"prompt": text(c, real & ~response), "chosen": text(c, response),
+                              "rejected": text(r, response)})
+    pairs = pairs[:8 * (spec["warmup"] + spec["steps"])]
+    model = transformers.AutoModelForCausalLM.from_pretrained(Path(spec["model_dir"]) / "lm")
+    timer, rows = _StepTimer(), []
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(**{**_trainer_args(spec, out), "learning_rate": 1e-4}, per_device_train_batch_size=8,
+                         max_length=256, beta=0.1)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(pairs),
+                             processing_class=tok, callbacks=[timer.callback])
         trainer.data_collator = _recording(trainer.data_collator, rows)
         result = trainer.train()
     return dict(times=timer.times, rows=rows, units=[len(r) / 2.0 for r in rows], loss=float(result.training_loss))
@@ -652,10 +699,12 @@ def worker_peak(spec: dict) -> dict:
 
 WORKERS = {("sft", "ours"): worker_ours_train, ("sft", "trl"): worker_trl_sft, ("sft", "torch"): worker_torch_sft,
            ("rm", "ours"): worker_ours_train, ("rm", "trl"): worker_trl_rm,
+           ("dpo", "ours"): worker_ours_train, ("dpo", "trl"): worker_trl_dpo,
            ("ppo", "ours"): worker_ours_ppo, ("ppo", "trl"): worker_trl_ppo,
            ("gen", "ours"): worker_ours_gen, ("gen", "hf"): worker_hf_gen,
            ("scale", "ours"): worker_ours_train, ("peak", "both"): worker_peak}
-SIDES = {"sft": ("ours", "trl", "torch"), "rm": ("ours", "trl"), "ppo": ("ours", "trl"), "gen": ("ours", "hf")}
+SIDES = {"sft": ("ours", "trl", "torch"), "rm": ("ours", "trl"), "dpo": ("ours", "trl"), "ppo": ("ours", "trl"),
+         "gen": ("ours", "hf")}
 SIDE_NAMES = {"ours": "ours", "trl": "TRL", "torch": "PyTorch loop", "hf": "transformers"}
 
 
@@ -691,16 +740,17 @@ def _median(xs) -> float | None:
 
 def summarize_steps(results: list[dict], warmup: int) -> dict:
     """Rate (units/s) and model-FLOP inputs from the timed steps of several subprocesses."""
-    times, units, rows, first = [], [], [], []
+    times, units, rows, reads, first = [], [], [], [], []
     for r in results:
         first.append(r["times"][0])
         times += r["times"][warmup:]
         units += r["units"][warmup:] if "units" in r else [float(r["new_tokens"])] * len(r["times"][warmup:])
         rows += r["rows"][warmup:] if "rows" in r else []
+        reads += r["reads"][warmup:] if "reads" in r else []
     step = statistics.median(times)
     more = [c for r in results for c in r.get("more_compiles", [])]  # untimed first steps of new shapes
     return dict(step_s=step, rate=statistics.median(u / t for u, t in zip(units, times)), first_s=_median(first),
-                rows=rows, n=len(times), rss_mib=max(r["rss_mib"] for r in results), more_compiles=more)
+                rows=rows, reads=reads, n=len(times), rss_mib=max(r["rss_mib"] for r in results), more_compiles=more)
 
 
 def training_table(name: str, unit: str, arch_rows: list[dict], sides: tuple[str, ...]) -> str:
@@ -798,16 +848,25 @@ def run_training(args, wl: str, arch: str, model_dir: Path, shape: Shape, peak: 
     for _ in range(args.repeats):
         for side in SIDES[wl]:
             results[side].append(run_worker(dict(base, workload=wl, side=side), args.threads))
-    n_params = shape.lm if wl == "sft" else shape.trunk + 1
+    summaries = {side: summarize_steps(rs, args.warmup) for side, rs in results.items()}
+    # The positions a loss reads (SFT: response tokens, DPO: each response's tokens): counted
+    # in our batches, the same examples in the same order as theirs.
+    reads_per_step = statistics.mean(summaries["ours"]["reads"] or [0.0])
     sides = {}
-    for side, rs in results.items():
-        s = summarize_steps(rs, args.warmup)
-        steps = len(s["rows"])
-        s["flops"] = train_flops(n_params, shape, [t for row in s["rows"] for t in row]) / steps / s["step_s"]
+    for side, s in summaries.items():
+        steps, lengths = len(s["rows"]), [t for row in s["rows"] for t in row]
+        if wl == "rm":
+            work = train_flops(shape.trunk + 1, shape, lengths)
+        else:
+            work = lm_train_flops(shape, lengths, reads_per_step * steps)
+            if wl == "dpo":  # and the reference's forward pass over the same sequences
+                work *= 4.0 / 3.0
+        s["flops"] = work / steps / s["step_s"]
         sides[side] = s
         print(f"  {wl} {arch} {side}: {s['rate']:,.1f}/s, step {s['step_s']:.3f} s, first {s['first_s']:.2f} s, "
               f"{s['flops'] / 1e9:.2f} GFLOP/s, RSS {s['rss_mib']:.0f} MiB"
-              + (f"  [ours-set: {', '.join(rs[0]['applied'])}]" if rs[0].get("applied") else ""), flush=True)
+              + (f"  [ours-set: {', '.join(applied)}]" if (applied := results[side][0].get("applied")) else ""),
+              flush=True)
     return dict(model=model_label(arch, shape), sides=sides, peak=peak)
 
 
@@ -893,14 +952,14 @@ def main(argv=None):
     print(f"float32 matmul peak: jnp.dot {peak['jax'] / 1e9:.1f}, torch.mm {peak['torch'] / 1e9:.1f} GFLOP/s",
           flush=True)
     base = dict(warmup=args.warmup, steps=args.steps, new_tokens=args.new_tokens, overrides=args.ours_set)
-    sections = {"sft": [], "rm": [], "ppo": [], "gen": []}
+    sections = {"sft": [], "rm": [], "dpo": [], "ppo": [], "gen": []}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models:
             model_dir = Path(tmp) / arch
             shape = build_models(arch, model_dir)
             spec = dict(base, model_dir=str(model_dir))
             for wl in args.workloads:
-                if wl in ("sft", "rm"):
+                if wl in ("sft", "rm", "dpo"):
                     sections[wl].append(run_training(args, wl, arch, model_dir, shape, peak_flops, spec))
                 elif wl == "ppo":
                     ppo_spec = dict(spec, steps=min(args.steps, 2))
@@ -913,6 +972,8 @@ def main(argv=None):
         tables["sft"] = training_table("SFT step (non-pad tokens/s)", "tok/s", sections["sft"], SIDES["sft"])
     if sections["rm"]:
         tables["rm"] = training_table("RM step (pairs/s)", "pairs/s", sections["rm"], SIDES["rm"])
+    if sections["dpo"]:
+        tables["dpo"] = training_table("DPO step (pairs/s)", "pairs/s", sections["dpo"], SIDES["dpo"])
     if sections["ppo"]:
         tables["ppo"] = ppo_table(sections["ppo"])
     if sections["gen"]:
@@ -937,7 +998,9 @@ INTRO = "\n".join([
     "steps excluded; first step (ours: XLA compilation) apart. Same models (random weights, float32, "
     "vocabulary 50,258), data, batches and threads on both sides. Model FLOPs: a forward over a "
     "sequence of t real tokens is 2·N·t + 4·L·d_attn·t² (N: matmul parameters, the LM head counted once), "
-    "training 3× that; MFU against the float32 matmul peak measured in the run. Method and workloads: "
+    "training 3× that; in the SFT and DPO tables the LM head only at the positions the loss reads "
+    "(the PPO and sampling tables count it at every token); MFU against the float32 matmul peak "
+    "measured in the run. Method and workloads: "
     "the docstring of `benchmarks/side_by_side.py`. Each table below says which run measured it: a run "
     "of some workloads rewrites only their tables.",
 ])

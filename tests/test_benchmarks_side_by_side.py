@@ -31,6 +31,8 @@ def test_forward_and_train_flops(sbs):
     got = sbs.forward_flops(shape.lm, shape, [3, 5])
     assert got == 2 * 1500 * 3 + 4 * 2 * 8 * 9 + 2 * 1500 * 5 + 4 * 2 * 8 * 25
     assert sbs.train_flops(shape.lm, shape, [3, 5]) == 3 * got
+    # SFT / DPO: the head only at the 4 positions a loss reads, the trunk at all 8 tokens.
+    assert sbs.lm_train_flops(shape, [3, 5], reads=4) == 3 * (got - 2 * 500 * 8 + 2 * 500 * 4)
     ppo = sbs.ppo_flops(shape, [4], epochs=4)
     rm = sbs.forward_flops(1001, shape, [4])
     assert ppo["generation"] == sbs.forward_flops(1500, shape, [4])
