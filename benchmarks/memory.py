@@ -142,7 +142,7 @@ def stage_config(stage: str, spec: dict):
     c.tokenizer = spec["tokenizer"]
     c.data.eval_fraction = 0.0
     c.data.pad_to_multiple_of = 0  # every batch padded to data.max_length: one fixed shape
-    c.data.packing = False  # (configs/rm.py packs responses, into a row count that varies by batch)
+    c.data.packing = False  # (configs/rm.py and dpo.py pack responses, into a row count that varies by batch)
     c.mesh.num_devices = 1  # the whole step on one device (the figures are one device's)
     c.optimizer.warmup_steps = 0
     c.train.update(dict(num_steps=1, progress_bar=False, tensorboard=False, eval_every=0, checkpoint_every=0,
