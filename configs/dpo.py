@@ -50,7 +50,7 @@ def get_config(arg=None):
     c.train.log_every = 10
     c.train.checkpoint_every = 50
     if arg.variant == "smollm2":
-        # Sized for 2 CPU cores (about 20 minutes): 60 steps of 8 pairs, the last user turn and
+        # Sized for 2 CPU cores (about 12 minutes): 60 steps of 8 pairs, the last user turn and
         # the response kept (prompts are cut from the left), the top 4 of 30 layers and the
         # final norm trained; all 180 held-out pairs evaluated at steps 0, 30 and 60.
         c.model.init = "gguf"

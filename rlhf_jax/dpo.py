@@ -30,8 +30,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax import sft
+from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import Dataset, pack_groups
-from rlhf_jax.data.batching import PAIR_WEIGHTINGS, preference_batch
+from rlhf_jax.data.batching import PAIR_WEIGHTINGS, pack_responses, packed_preference_batch, preference_batch
 from rlhf_jax.models import ModelDef, load_frozen, lora
 from rlhf_jax.train.step import ReadsFrozen
 
@@ -271,13 +272,21 @@ def loss_fn(cfg) -> ReadsFrozen:
 
 
 def attach_reference_logps(dataset: Dataset, score: Callable[[dict], np.ndarray], max_responses: int,
-                           max_pairs: int) -> Dataset:
+                           max_pairs: int, *, packed_rows_multiple: int = 0) -> Dataset:
     """The dataset with every group's `ref_logps` [K] set from `score(batch) -> [N]`, run over
-    batches of whole groups in dataset order (so batch row i maps back to one response)."""
+    batches of whole groups in dataset order (so response n of a batch maps back to one
+    response). `packed_rows_multiple` > 0: the batches' responses packed several to a row, in
+    a multiple of that many rows (`data.packed_preference_batch`), as the stage trains on them."""
     sizes = [(len(g.responses), len(g.chosen)) for g in dataset.examples]
     groups = list(dataset.examples)
     for plan in pack_groups(sizes, range(len(groups)), max_responses, max_pairs):
-        logp_N = np.asarray(score(preference_batch(dataset, plan, max_responses, max_pairs, response_mask=True)))
+        if packed_rows_multiple:
+            rows = len(pack_responses([len(q) for g in plan for q in groups[g].responses], dataset.seq_len))
+            batch = packed_preference_batch(dataset, plan, max_responses, max_pairs, response_mask=True,
+                                            num_rows=-(-rows // packed_rows_multiple) * packed_rows_multiple)
+        else:
+            batch = preference_batch(dataset, plan, max_responses, max_pairs, response_mask=True)
+        logp_N = np.asarray(score(batch))
         row = 0
         for g in plan:
             k = len(groups[g].responses)
@@ -293,10 +302,11 @@ def _logps_program(model_def: ModelDef, values: dict, batch: dict) -> Array:
 def _scorer(rt, model_def: ModelDef, values: dict) -> Callable[[dict], np.ndarray]:
     """score(global numpy batch) -> [N] numpy: each process feeds its rows, all get all."""
     program = jax.jit(functools.partial(_logps_program, model_def), out_shardings=NamedSharding(rt.mesh, P()))
-    keys = ("input_ids", "attention_mask", "response_mask")
     n, i = jax.process_count(), jax.process_index()
 
     def score(batch: dict) -> np.ndarray:
+        keys = [k for k in ("input_ids", "attention_mask", "response_mask", "segment_ids", "response_idx",
+                            "response_row") if k in batch]
         local = [batch[k][i * len(batch[k]) // n:(i + 1) * len(batch[k]) // n] for k in keys]
         return np.asarray(program(values, dict(zip(keys, rt.to_global(local)))))
 
@@ -335,6 +345,11 @@ def setup_reference(cfg, rt, model_def: ModelDef, params: dict, frozen: dict, tr
         return {**frozen, **copies}, train_data, eval_data
     score = _scorer(rt, ref_def, ref_values)
     sizes = (int(d.max_responses), int(d.max_pairs))
-    train_data = attach_reference_logps(train_data, score, *sizes)
-    eval_data = None if eval_data is None else attach_reference_logps(eval_data, score, *sizes)
+    kw = batch_kwargs(cfg)
+    # Packed as the stage packs (one compile per row count); rows split evenly over the processes and shards.
+    multiple = int(np.lcm.reduce([kw["row_multiple"], sharding_lib.batch_shards(rt.mesh, rt.rules),
+                                  jax.process_count()])) if kw["pack"] else 0
+    train_data = attach_reference_logps(train_data, score, *sizes, packed_rows_multiple=multiple)
+    eval_data = None if eval_data is None else attach_reference_logps(eval_data, score, *sizes,
+                                                                      packed_rows_multiple=multiple)
     return frozen, train_data, eval_data

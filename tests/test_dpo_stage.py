@@ -84,6 +84,30 @@ def test_dpo_batch_keys_mask_the_responses_and_weight_per_prompt():
     np.testing.assert_array_equal(again["ref_logps"], [-2, -3, -4, 0, -1, 0, 0, 0])
 
 
+def test_reference_logps_scored_on_packed_rows_land_on_their_responses():
+    """A scorer that sums each response's token ids over its response tokens: the values stored
+    per response are the same whether the batches it scores are packed or one response per row."""
+    ds = data_lib.preference_dataset(FIXTURES / "pref_ranked.jsonl", "byte", max_length=32)
+
+    rows = []
+
+    def id_sums(batch):
+        rows.append(batch["input_ids"].shape[0])
+        m = batch["response_mask"] * batch["input_ids"]
+        if "response_idx" not in batch:
+            return m.sum(-1)
+        return np.bincount(np.maximum(batch["response_idx"], 0).ravel(), m.ravel(), minlength=8)
+
+    padded = dpo.attach_reference_logps(ds, id_sums, 8, 6)
+    assert set(rows) == {8}
+    rows.clear()
+    packed = dpo.attach_reference_logps(ds, id_sums, 8, 6, packed_rows_multiple=4)
+    assert set(rows) == {4}  # 8 response slots packed into 4 rows
+    for a, b in zip(padded.examples, packed.examples):
+        assert a.ref_logps.min() > 0
+        np.testing.assert_array_equal(a.ref_logps, b.ref_logps)
+
+
 # ------------------------------------------------------------------------------ the stage
 
 

@@ -378,11 +378,10 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
         instead of one example per row, so a batch holds as many examples as fit. Preference
         data: the same groups per batch, their responses packed several to a row
         (`packed_preference_batch`, with `response_idx` beside `response_mask` for DPO), in as
-        many rows as they need rounded
-        up to a multiple of `row_multiple` and of `process_count` (so a jitted step compiles
-        once per row count, max_responses / row_multiple programs at most); the `grad_accum`
-        consecutive batches of a step (counted from global step 0) get the same row count, so
-        they stack.
+        many rows as they need rounded up to a multiple of `row_multiple` and of
+        `process_count` (so a jitted step compiles once per row count, max_responses /
+        row_multiple programs at most); the `grad_accum` consecutive batches of a step
+        (counted from global step 0) get the same row count, so they stack.
       pad_to_multiple_of: SFT and preference data: > 0 pads each batch to the smallest multiple
         of this that holds its longest row (at most T) instead of to T, so a jitted step
         compiles once per length bucket (T / pad_to_multiple_of programs at most).
