@@ -41,8 +41,8 @@ ours, theirs, ...) for `--repeats` rounds; each subprocess runs `--warmup` untim
 timed steps of all rounds. Steps are timed end to end, batch fetch included, on both sides
 (for the TRL trainers: from one `on_step_end` callback to the next). "first step" is the
 first step's time (ours: mostly XLA compilation), reported apart; a timed step whose batch
-has a shape not met before (packed RM batches vary in row count) first runs once untimed, and
-those compilations are reported beside the first step ("+k shapes"). By default each side
+has a shape not met before (packed RM and DPO batches vary in row count) first runs once
+untimed, and those compilations are reported beside the first step ("+k shapes"). By default each side
 computes on one thread (`--threads 1`): on this shared 2-core machine 2-thread runs varied
 about 10x between identical calls (see BENCHMARKS.md, generation).
 
@@ -356,8 +356,8 @@ def worker_ours_train(spec: dict) -> dict:
             t0 = time.perf_counter()
             batch = next(batches)
             if i >= spec["warmup"] and batch["input_ids"].shape not in shapes:
-                # Packed RM batches vary in row count: a count not met yet compiles a program
-                # first. That step runs once untimed (and is reported apart) before the timed one.
+                # Packed RM and DPO batches vary in row count: a count not met yet compiles a
+                # program first. That step runs once untimed (and is reported apart) before the timed one.
                 r.state, metrics = r.train_step(r.state, dict(zip(batch, r.rt.to_global(batch.values(),
                                                                                           stacked=True))))
                 jax.block_until_ready(metrics)
