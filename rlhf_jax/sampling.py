@@ -149,14 +149,17 @@ def token_key(key: jax.Array, t: int | jax.Array) -> jax.Array:
 _BLOCK = 256
 
 
-def _argmax(x_BV: jax.Array) -> jax.Array:
-    """`jnp.argmax(x_BV, -1)` (first index of the maximum, a NaN counting as the maximum) as
-    two plain reductions: XLA:CPU runs the fused (value, index) reduce that argmax lowers to
-    ~4x slower over a 50k vocabulary."""
+def _argmax_of_exp(x_BV: jax.Array, w_BV: jax.Array) -> jax.Array:
+    """`jnp.argmax(x_BV, -1)` (first index of the maximum, a NaN counting as the maximum; 0 for
+    a row of -inf) read off w = exp(x - max(x)), which the log-prob needs anyway: w is exactly
+    1 at the maxima (exp(0) = 1). One plain min-reduction that fuses with w's: XLA:CPU runs
+    the (value, index) reduce that argmax lowers to ~4x slower over a 50k vocabulary, and
+    comparing x with its own maximum instead kept a greedy decode step slower than a sampling
+    one (batch 16, Llama d256, vocabulary 50k, one thread: 9.8 vs 9.6 ms; reading w: 8.4 vs 9.7)."""
     v = x_BV.shape[-1]
-    max_B1 = jnp.max(x_BV, axis=-1, keepdims=True)
-    hit_BV = (x_BV == max_B1) | jnp.isnan(x_BV)
-    return jnp.min(jnp.where(hit_BV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    hit_BV = (w_BV == 1.0) | jnp.isnan(x_BV)
+    first_B = jnp.min(jnp.where(hit_BV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.where(first_B < v, first_B, 0)
 
 
 def _ordered(x: jax.Array) -> jax.Array:
@@ -269,7 +272,7 @@ def _sample(logits_BV: jax.Array, u_B2: jax.Array | None, config: SamplingConfig
     max_B1 = jnp.max(scaled_BV, axis=-1, keepdims=True)
     w_BV = jnp.exp(scaled_BV - max_B1)
     if config.greedy:
-        tokens_B = _argmax(logits_BV)
+        tokens_B = _argmax_of_exp(logits_BV, w_BV)
     elif not config.top_k and config.top_p >= 1.0:
         tokens_B = _draw(w_BV, u_B2)
     else:

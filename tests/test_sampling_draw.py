@@ -146,13 +146,14 @@ def test_greedy_tokens_and_logprobs_are_argmax_and_log_softmax():
     x[2, :] = -np.inf
     x[2, 17] = 0.0
     x[3, 11] = np.nan  # argmax counts a NaN as the maximum
+    x[4, :] = -np.inf  # no maximum above -inf: argmax says 0
     x_BV = jnp.asarray(x)
     tokens, logprobs = jax.jit(lambda x: sample_token(x, jax.random.key(0), SamplingConfig(temperature=0.0)))(x_BV)
     want = np.asarray(jnp.argmax(x_BV, axis=-1))
     np.testing.assert_array_equal(np.asarray(tokens), want)
-    assert want[0] == 5 and want[2] == 17 and want[3] == 11
+    assert want[0] == 5 and want[2] == 17 and want[3] == 11 and want[4] == 0
     log_softmax = np.asarray(jax.nn.log_softmax(x_BV, axis=-1))
-    ok = np.arange(16) != 3
+    ok = ~np.isin(np.arange(16), [3, 4])  # the NaN and the all -inf rows have no log-prob
     np.testing.assert_allclose(np.asarray(logprobs)[ok], log_softmax[ok, want[ok]], rtol=1e-6, atol=1e-6)
 
 
