@@ -30,9 +30,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from rlhf_jax import sft
-from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.data import Dataset, pack_groups
-from rlhf_jax.data.batching import PAIR_WEIGHTINGS, pack_responses, packed_preference_batch, preference_batch
+from rlhf_jax.data.batching import PAIR_WEIGHTINGS, packed_preference_batch, pad_rows, preference_batch
 from rlhf_jax.models import ModelDef, load_frozen, lora
 from rlhf_jax.train.step import ReadsFrozen
 
@@ -281,9 +280,9 @@ def attach_reference_logps(dataset: Dataset, score: Callable[[dict], np.ndarray]
     groups = list(dataset.examples)
     for plan in pack_groups(sizes, range(len(groups)), max_responses, max_pairs):
         if packed_rows_multiple:
-            rows = len(pack_responses([len(q) for g in plan for q in groups[g].responses], dataset.seq_len))
-            batch = packed_preference_batch(dataset, plan, max_responses, max_pairs, response_mask=True,
-                                            num_rows=-(-rows // packed_rows_multiple) * packed_rows_multiple)
+            batch = packed_preference_batch(dataset, plan, max_responses, max_pairs, response_mask=True)
+            rows = batch["input_ids"].shape[0]
+            batch = pad_rows(batch, -(-rows // packed_rows_multiple) * packed_rows_multiple, dataset.pad_id)
         else:
             batch = preference_batch(dataset, plan, max_responses, max_pairs, response_mask=True)
         logp_N = np.asarray(score(batch))
@@ -346,9 +345,8 @@ def setup_reference(cfg, rt, model_def: ModelDef, params: dict, frozen: dict, tr
     score = _scorer(rt, ref_def, ref_values)
     sizes = (int(d.max_responses), int(d.max_pairs))
     kw = batch_kwargs(cfg)
-    # Packed as the stage packs (one compile per row count); rows split evenly over the processes and shards.
-    multiple = int(np.lcm.reduce([kw["row_multiple"], sharding_lib.batch_shards(rt.mesh, rt.rules),
-                                  jax.process_count()])) if kw["pack"] else 0
+    # Packed as the stage packs its batches (one compile per row count).
+    multiple = rt.packed_rows_multiple(kw["row_multiple"]) if kw["pack"] else 0
     train_data = attach_reference_logps(train_data, score, *sizes, packed_rows_multiple=multiple)
     eval_data = None if eval_data is None else attach_reference_logps(eval_data, score, *sizes,
                                                                       packed_rows_multiple=multiple)

@@ -198,15 +198,13 @@ def pack_responses(lengths: Sequence[int], row_length: int) -> list[list[int]]:
     return pack_rows(lengths, order, row_length, window=len(order))
 
 
-def _with_rows(batch: dict[str, np.ndarray], num_rows: int, pad_id: int) -> dict[str, np.ndarray]:
-    """A packed preference batch with all-padding rows appended up to `num_rows`."""
+def pad_rows(batch: dict[str, np.ndarray], num_rows: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A packed preference batch with all-padding rows appended up to `num_rows`: every [R, T]
+    array grows (input_ids with `pad_id`, response_idx with −1, the others with 0); the [N]
+    and [P] arrays stay as they are."""
     extra = ((0, num_rows - batch["input_ids"].shape[0]), (0, 0))
-    padded = dict(batch, input_ids=np.pad(batch["input_ids"], extra, constant_values=pad_id),
-                  attention_mask=np.pad(batch["attention_mask"], extra), segment_ids=np.pad(batch["segment_ids"], extra))
-    if "response_idx" in batch:
-        padded.update(response_mask=np.pad(batch["response_mask"], extra),
-                      response_idx=np.pad(batch["response_idx"], extra, constant_values=-1))
-    return padded
+    fill = {"input_ids": pad_id, "response_idx": -1}
+    return {k: np.pad(v, extra, constant_values=fill.get(k, 0)) if v.ndim == 2 else v for k, v in batch.items()}
 
 
 def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_responses: int, max_pairs: int, *,
@@ -228,9 +226,11 @@ def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_respons
     layout = pack_responses([len(q) for q in seqs], T)
     if num_rows is not None and num_rows < len(layout):
         raise ValueError(f"groups {list(groups)}: their responses need {len(layout)} packed rows, more than {num_rows}")
+    starts = [int(s) for g in groups for s in _response_starts(dataset.examples[g])] if response_mask else None
     ids = np.full((len(layout), T), dataset.pad_id, np.int32)
     segments = np.zeros((len(layout), T), np.int32)
     owner = np.full((len(layout), T), -1, np.int32)
+    in_response = np.zeros((len(layout), T), np.float32)
     row_N = np.full(max_responses, -1, np.int32)
     end_N = np.full(max_responses, -1, np.int32)
     for r, row in enumerate(layout):
@@ -238,20 +238,16 @@ def packed_preference_batch(dataset: Dataset, groups: Sequence[int], max_respons
         for k, i in enumerate(row, start=1):
             n = len(seqs[i])
             ids[r, at:at + n], segments[r, at:at + n], owner[r, at:at + n] = seqs[i], k, i
+            if starts is not None:
+                in_response[r, at + starts[i]:at + n] = 1.0
             row_N[i], end_N[i] = r, at + n - 1
             at += n
     batch = {"input_ids": ids, "attention_mask": (segments > 0).astype(np.int32), "segment_ids": segments,
              "response_row": row_N, "response_end": end_N, **pairs,
              **_optional_fields(dataset, groups, max_responses, max_pairs, False, pair_weighting)}
     if response_mask:
-        starts = np.concatenate([_response_starts(dataset.examples[g]) for g in groups]).astype(np.int64)
-        # Token t of response n is a response token when t >= its start, i.e. column >= end - len + 1 + start.
-        first_N = np.full(max_responses, T, np.int64)
-        first_N[:len(seqs)] = end_N[:len(seqs)] - [len(q) for q in seqs] + 1 + starts
-        column = np.arange(T)[None, :]
-        batch["response_mask"] = ((owner >= 0) & (column >= first_N[np.maximum(owner, 0)])).astype(np.float32)
-        batch["response_idx"] = owner
-    return batch if num_rows is None else _with_rows(batch, int(num_rows), dataset.pad_id)
+        batch.update(response_mask=in_response, response_idx=owner)
+    return batch if num_rows is None else pad_rows(batch, int(num_rows), dataset.pad_id)
 
 
 def _check_group_fits(group, max_responses: int, max_pairs: int) -> None:
@@ -448,8 +444,8 @@ def batches(dataset: Dataset, *, batch_size: int | None = None, max_responses: i
         def flush():
             rows = max(batch["input_ids"].shape[0] for _, batch in pending)
             for _, batch in pending:
-                yield {k: local(v) for k, v in _with_rows(batch, -(-rows // multiple) * multiple,
-                                                           dataset.pad_id).items()}
+                yield {k: local(v) for k, v in pad_rows(batch, -(-rows // multiple) * multiple,
+                                                         dataset.pad_id).items()}
             pending.clear()
 
         for step, plan in planned():

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from rlhf_jax import data as data_lib
 from rlhf_jax import dpo, optim, reward_model, sft
-from rlhf_jax import sharding as sharding_lib
 from rlhf_jax.models import ModelDef, count, load_model, lora, save_pretrained, to_host
 from rlhf_jax.train import pretrain as pretrain_lib
 from rlhf_jax.train import step as step_lib
@@ -174,8 +173,7 @@ class StageRun:
         rows in a multiple of the batch shards, so that they split evenly over the mesh)."""
         kwargs = self.stage.batch_kwargs(self.cfg)
         if kwargs.get("pack") and dataset.kind == "preference":
-            kwargs["row_multiple"] = int(np.lcm(kwargs.get("row_multiple", 1),
-                                                sharding_lib.batch_shards(self.rt.mesh, self.rt.rules)))
+            kwargs["row_multiple"] = self.rt.packed_rows_multiple(kwargs.get("row_multiple", 1))
         return data_lib.batches(dataset, process_index=jax.process_index(), process_count=jax.process_count(),
                                 **kwargs, **kw)
 

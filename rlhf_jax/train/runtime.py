@@ -77,6 +77,12 @@ class Runtime:
         lead = (None,) if stacked else ()
         return NamedSharding(self.mesh, P(*lead, *self.batch_spec, *([None] * (ndim - len(lead) - 1))))
 
+    def packed_rows_multiple(self, multiple: int) -> int:
+        """The row count packed preference batches are rounded up to a multiple of: `multiple`'s
+        least common multiple with the batch shards and the processes, so rows split evenly."""
+        return int(np.lcm.reduce([int(multiple), sharding_lib.batch_shards(self.mesh, self.rules),
+                                  jax.process_count()]))
+
     def to_global(self, arrays, stacked: bool = False) -> list[jax.Array]:
         """Process-local numpy slices -> global jax arrays sharded over the batch axes."""
         out = []
