@@ -48,6 +48,12 @@ def sft_data():
 
 
 # ---------------------------------------------------------------- logits only where read
+def test_hit_is_target_at_the_maximum_ties_included():
+    logits_CV = jnp.array([[1.0, 3.0, 2.0], [3.0, 3.0, 0.0], [0.0, 1.0, 1.0]])
+    tl_C = logits_CV[jnp.arange(3), jnp.array([1, 1, 0])]
+    np.testing.assert_array_equal(sft._is_top(tl_C, logits_CV.max(-1)), [1.0, 1.0, 0.0])
+
+
 @pytest.mark.parametrize("chunk,vocab", [(7, 0), (10_000, 0), (7, 64), (10_000, 100), (5, 299)])
 def test_selected_token_logprobs_equal_full_logits(chunk, vocab):
     """Whole-row logits per chunk (vocab 0) or the vocabulary in slices of 64 (4 + a part),
@@ -55,7 +61,8 @@ def test_selected_token_logprobs_equal_full_logits(chunk, vocab):
     model = _model()
     rng = np.random.default_rng(0)
     h_BTD = jnp.asarray(rng.normal(size=(3, 11, 32)), jnp.float32)
-    targets_BT = jnp.asarray(rng.integers(0, 300, (3, 11)), jnp.int32)
+    top_BT = jnp.argmax(model.logits(h_BTD), -1)  # half the targets are the argmax: hits to count
+    targets_BT = jnp.where(rng.random((3, 11)) < 0.5, top_BT, jnp.asarray(rng.integers(0, 300, (3, 11)))).astype(jnp.int32)
     weight_BT = jnp.asarray(rng.random((3, 11)) < 0.4, jnp.float32)
 
     def full(m, h):
@@ -72,7 +79,7 @@ def test_selected_token_logprobs_equal_full_logits(chunk, vocab):
     entropy = sft.selected_token_logprobs(model, h_BTD, targets_BT, weight_BT, temperature=0.7, chunk_size=chunk,
                                           vocab_chunk_size=vocab).entropy
     np.testing.assert_allclose(entropy, -(jnp.exp(logp_BTV) * logp_BTV).sum(-1) * weight_BT, atol=2e-5)
-    assert float(hit.sum()) >= 0 and float((lp != 0).sum()) == float(weight_BT.sum())
+    assert 0 < float(hit.sum()) < float(weight_BT.sum()) and float((lp != 0).sum()) == float(weight_BT.sum())
     g_full = jax.grad(lambda h: (full(model, h)[0] * jnp.arange(11.0)).sum())(h_BTD)
     g = jax.grad(lambda h: (chunked(model, h)[0] * jnp.arange(11.0)).sum())(h_BTD)
     np.testing.assert_allclose(g, g_full, atol=2e-5)
