@@ -843,6 +843,12 @@ def machine(load: tuple[float, float], peak: dict, threads: int) -> str:
             f"1-minute load average {load[0]:.1f} before / {load[1]:.1f} after the run")
 
 
+def mean_reads(reads: list) -> float:
+    """Mean LM-head positions a step's loss reads; an RM step's entries are None (it reads one
+    score per response, no LM head): 0."""
+    return statistics.mean([r for r in reads if r is not None] or [0.0])
+
+
 def run_training(args, wl: str, arch: str, model_dir: Path, shape: Shape, peak: float, base: dict) -> dict:
     results = {side: [] for side in SIDES[wl]}
     for _ in range(args.repeats):
@@ -851,7 +857,7 @@ def run_training(args, wl: str, arch: str, model_dir: Path, shape: Shape, peak: 
     summaries = {side: summarize_steps(rs, args.warmup) for side, rs in results.items()}
     # The positions a loss reads (SFT: response tokens, DPO: each response's tokens): counted
     # in our batches, the same examples in the same order as theirs.
-    reads_per_step = statistics.mean(summaries["ours"]["reads"] or [0.0])
+    reads_per_step = mean_reads(summaries["ours"]["reads"])
     sides = {}
     for side, s in summaries.items():
         steps, lengths = len(s["rows"]), [t for row in s["rows"] for t in row]

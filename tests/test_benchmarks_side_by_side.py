@@ -33,6 +33,7 @@ def test_forward_and_train_flops(sbs):
     assert sbs.train_flops(shape.lm, shape, [3, 5]) == 3 * got
     # SFT / DPO: the head only at the 4 positions a loss reads, the trunk at all 8 tokens.
     assert sbs.lm_train_flops(shape, [3, 5], reads=4) == 3 * (got - 2 * 500 * 8 + 2 * 500 * 4)
+    assert sbs.mean_reads([4.0, None, 6.0]) == 5.0 and sbs.mean_reads([None, None]) == 0.0  # RM steps: None
     ppo = sbs.ppo_flops(shape, [4], epochs=4)
     rm = sbs.forward_flops(1001, shape, [4])
     assert ppo["generation"] == sbs.forward_flops(1500, shape, [4])
