@@ -192,6 +192,31 @@ def test_hidden_at_and_on_a_span_equal_the_full_pass_there(cfg, option):
            _grads(model, lambda m: (m.hidden(ids, segment_ids_BT=seg)[0][rows, cols] ** 2).sum()), atol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", [CFG, GPT2, CFG.replace(sliding_window=3)], ids=["llama", "gpt2", "window"])
+def test_causal_query_blocks_equal_whole_rows(cfg, monkeypatch):
+    """Queries taken in causal blocks (here from 4 queries on: blocks of 3, 3, 3 and 1 over a
+    10-token row, of 2 over an 8-token span) give every real token the whole-row attention's
+    hidden state and the same gradients, in left-padded and packed rows and on a span."""
+    model = _model(cfg)
+    ids, mask = _left_padded_batch()
+    seg = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10, [1, 1, 2, 2, 2, 3, 3, 3, 0, 0]], jnp.int32)
+    real, packed = mask[..., None] > 0, seg[..., None] > 0  # (a padding query attends to nothing)
+
+    def run():
+        return (jnp.where(real, model.hidden(ids, mask)[0], 0), jnp.where(packed, model.hidden(ids, segment_ids_BT=seg)[0], 0),
+                jnp.where(real[:, 2:], model.hidden_span(ids, mask, 2, 10), 0),
+                _grads(model, lambda m: (jnp.where(real, m.hidden(ids, mask)[0], 0) ** 2).sum()
+                       + (jnp.where(packed[:, 2:], m.hidden_span(ids, None, 2, 10, segment_ids_BT=seg), 0) ** 2).sum()))
+
+    monkeypatch.setattr(transformer, "_MIN_BLOCKED_QUERIES", 10 ** 6)
+    whole = run()
+    monkeypatch.setattr(transformer, "_MIN_BLOCKED_QUERIES", 4)
+    blocked = run()
+    for a, b in zip(blocked[:3], whole[:3]):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    _close(blocked[3], whole[3], atol=3e-4)  # gradients up to ~2.6: float32 rounding, sums in another order
+
+
 def test_packed_sft_loss_equals_padded_loss(sft_data):
     """The same examples, packed or one per padded row: the same loss sum, token count and gradient."""
     model = _model()

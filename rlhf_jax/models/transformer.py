@@ -31,6 +31,10 @@ from flax import nnx
 from rlhf_jax.models.config import ModelConfig
 
 Initializer = Callable[..., jax.Array]
+# Whole-row attention without a cache takes its queries in this many causal blocks
+# (`Attention._attend`), from this many queries on.
+_QUERY_BLOCKS = 4
+_MIN_BLOCKED_QUERIES = 128
 _NEG_INF = -1e30  # finite, so a fully masked row (a pad query) gives a uniform softmax, not NaN
 
 
@@ -207,7 +211,8 @@ class Attention(nnx.Module):
             return self.o(self._attend(q_BTHE, k_BKSE, v_BKSE, allowed_BTS, cached=True)), (k_BKSE, v_BKSE)
         if segment_ids_BT is not None:
             allowed_BTS &= segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-        return self.o(self._attend(q_BTHE, k_BTKE, v_BTKE, allowed_BTS)), None
+        # Without a cache the slots are the row's positions 0..T-1 (`_call_block`).
+        return self.o(self._attend(q_BTHE, k_BTKE, v_BTKE, allowed_BTS, q_start=0)), None
 
     def at(self, x_BTD, positions_BT, key_mask_BT, segment_ids_BT, rows_N, columns_N):
         """The attention output [N, D] of the queries at tokens (rows_N[n], columns_N[n]) only,
@@ -232,7 +237,7 @@ class Attention(nnx.Module):
         allowed_BMT = self._allowed(jnp.arange(start, t)[None, :], jnp.arange(t), key_mask_BT)
         if segment_ids_BT is not None:
             allowed_BMT &= segment_ids_BT[:, start:, None] == segment_ids_BT[:, None, :]
-        return self.o(self._attend(q_BMHE, k_BTKE, v_BTKE, allowed_BMT))
+        return self.o(self._attend(q_BMHE, k_BTKE, v_BTKE, allowed_BMT, q_start=start))
 
     def _queries(self, x_BTD, positions_BT):
         """Rotated queries [B, T, H, E]."""
@@ -257,11 +262,32 @@ class Attention(nnx.Module):
             allowed_BTS &= q_BTS - k_slots_S[None, None, :] < self.cfg.sliding_window
         return allowed_BTS & (key_mask_BS[:, None, :] > 0)
 
-    def _attend(self, q_BTHE, keys, values, allowed_BTS, cached=False):
+    def _attend(self, q_BTHE, keys, values, allowed_BTS, cached=False, q_start=None):
         """softmax(q k^T / sqrt(E)) v over the allowed keys, [B, T, H·E]; keys and values are
-        [B, S, K, E], or [B, K, S, E] when `cached` (the cache's layout)."""
+        [B, S, K, E], or [B, K, S, E] when `cached` (the cache's layout).
+
+        `q_start` (static): the queries sit at key slots q_start, q_start + 1, …, so causality
+        is known before the mask is read. The einsum path then takes the queries in
+        `_QUERY_BLOCKS` blocks, each over the keys up to its last query (and from its first
+        query's window start): the key slices no query of a block may attend are never scored.
+        Four blocks over a whole row score 10/16 of the [T, T] matrix; a query's output is the
+        same up to float rounding (what it skips has softmax weight exactly 0), except a query
+        with no allowed key at all (padding), which averages the values of its block's keys
+        rather than of all keys."""
         cfg = self.cfg
         b, t, h, e = q_BTHE.shape
+        s = keys.shape[1]
+        if (q_start is not None and not cached and cfg.attention == "einsum" and t >= _MIN_BLOCKED_QUERIES
+                and q_start + t == s):
+            size = -(-t // _QUERY_BLOCKS)
+            outs = []
+            for lo in range(0, t, size):
+                hi = min(lo + size, t)
+                first = 0 if cfg.sliding_window is None else max(0, q_start + lo - cfg.sliding_window + 1)
+                last = q_start + hi  # keys past the block's last query are never allowed
+                outs.append(self._attend(q_BTHE[:, lo:hi], keys[:, first:last], values[:, first:last],
+                                         allowed_BTS[:, lo:hi, first:last]))
+            return jnp.concatenate(outs, axis=1)
         kv = cfg.num_kv_heads
         if cfg.attention == "dot_product" and not cached:
             # jax.nn.dot_product_attention: XLA's fused attention on CPU/TPU, cuDNN's flash
