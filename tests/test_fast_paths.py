@@ -202,11 +202,22 @@ def test_causal_query_blocks_equal_whole_rows(cfg, monkeypatch):
     seg = jnp.asarray([[1] * 4 + [2] * 6, [1] * 10, [1, 1, 2, 2, 2, 3, 3, 3, 0, 0]], jnp.int32)
     real, packed = mask[..., None] > 0, seg[..., None] > 0  # (a padding query attends to nothing)
 
-    def run():
-        return (jnp.where(real, model.hidden(ids, mask)[0], 0), jnp.where(packed, model.hidden(ids, segment_ids_BT=seg)[0], 0),
-                jnp.where(real[:, 2:], model.hidden_span(ids, mask, 2, 10), 0),
-                _grads(model, lambda m: (jnp.where(real, m.hidden(ids, mask)[0], 0) ** 2).sum()
-                       + (jnp.where(packed[:, 2:], m.hidden_span(ids, None, 2, 10, segment_ids_BT=seg), 0) ** 2).sum()))
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def states(p):
+        m = nnx.merge(graph, p, rest)
+        return (jnp.where(real, m.hidden(ids, mask)[0], 0), jnp.where(packed, m.hidden(ids, segment_ids_BT=seg)[0], 0),
+                jnp.where(real[:, 2:], m.hidden_span(ids, mask, 2, 10), 0))
+
+    def loss(p):
+        whole, _, span = states(p)
+        m = nnx.merge(graph, p, rest)
+        packed_span = jnp.where(packed[:, 2:], m.hidden_span(ids, None, 2, 10, segment_ids_BT=seg), 0)
+        return (whole ** 2).sum() + (span ** 2).sum() + (packed_span ** 2).sum()
+
+    def run():  # one program (traced afresh for each setting of the threshold)
+        out, grads = jax.jit(lambda p: (states(p), jax.grad(loss)(p)))(params)
+        return (*out, {".".join(map(str, k)): v for k, v in nnx.to_flat_state(grads)})
 
     monkeypatch.setattr(transformer, "_MIN_BLOCKED_QUERIES", 10 ** 6)
     whole = run()
